@@ -1,0 +1,37 @@
+"""Where a tensor sits in the network, read from its name.
+
+mergekit-style per-layer gradients and LiNeS both need a depth for each tensor. HF checkpoints name
+block tensors `<prefix>.<i>.<rest>` (`model.layers.3.mlp.up_proj.weight`,
+`encoder.layer.3.attention.self.query.weight`, `transformer.h.3...`), so the first all-digit path
+segment is the block index. Tensors outside blocks (embeddings, final norm, heads) have no index.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def layer_index(name: str) -> int | None:
+    """Block index of a tensor name, or None for tensors outside the repeated blocks."""
+    m = _INDEX.search(name)
+    return int(m.group(1)) if m else None
+
+
+def num_layers(names: Iterable[str]) -> int:
+    """Number of blocks: one more than the largest index seen (0 when there are none)."""
+    return max((i for n in names if (i := layer_index(n)) is not None), default=-1) + 1
+
+
+def depth_fraction(name: str, n_layers: int) -> float:
+    """Position t in [0, 1] used to interpolate gradient parameters, as mergekit does.
+
+    Block i of L gets i/(L-1). Tensors outside blocks follow mergekit's planner: those before the
+    blocks (embeddings) get 0, those after (final norm, lm_head, classifier) get 1.
+    """
+    i = layer_index(name)
+    if i is None:
+        return 0.0 if "embed" in name else 1.0
+    return i / (n_layers - 1) if n_layers > 1 else 1.0
