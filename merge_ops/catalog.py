@@ -70,7 +70,8 @@ INT8_MASK = Param("int8_mask", False, "store sign masks as int8 (memory); result
 LINES = (
     Param("lines", False, "LiNeS: scale the merged task vector linearly with depth", type=bool),
     Param("lines_alpha", None, "LiNeS scale of the shallowest block and of tensors outside blocks; "
-          "null = 1/N (N experts), the paper's choice for summed task vectors", nullable=True, min=0.0),
+          "null = 1/N (N experts) for summed task vectors, 1 for averaged ones (normalize: true)",
+          nullable=True, min=0.0),
     Param("lines_beta", 0.5, "LiNeS extra scale reached at the deepest block: λ(l) = α + β·l/(L-1)",
           min=0.0),
 )
@@ -113,14 +114,14 @@ register(_ta_family(
 register(_ta_family(
     "ties", "trim each task vector to its top-density magnitudes, elect signs, disjoint mean",
     "Yadav et al. 2023, TIES-Merging, arXiv:2306.01708", "merge_ops.methods.ties",
-    normalize=True, rescale=None, density=True, consensus=True))
+    normalize=True, rescale=False, density=True, consensus=True))
 register(_ta_family(
     "dare_linear", "random drop (keep prob. density) and rescale each task vector, then sum",
     "Yu et al. 2024, Language models are Super Mario (DARE), arXiv:2311.03099", "merge_ops.methods.dare",
     normalize=False, rescale=True, density=True, consensus=False))
 register(_ta_family(
     "dare_ties", "DARE drop-and-rescale, then TIES sign election and disjoint merge",
-    "Yu et al. 2024, arXiv:2311.03099; Yadav et al. 2023, arXiv:2306.01708", "merge_ops.methods.dare",
+    "Yu et al. 2024, arXiv:2311.03099; Yadav et al. 2023, arXiv:2306.01708", "merge_ops.methods.dare_ties",
     normalize=False, rescale=True, density=True, consensus=True))
 register(_ta_family(
     "breadcrumbs", "drop the largest (gamma) and smallest magnitudes of each task vector, then sum",
@@ -161,6 +162,9 @@ register(MethodDef(
         *LEARN_COMMON,
         Param("plus", False, "AdaMerging++: learn over TIES-trimmed task vectors", type=bool),
         Param("plus_density", 0.2, "TIES keep fraction for AdaMerging++", min=0.0, max=1.0),
+        Param("normalize_entropy", True, "divide each task's entropy by log(num_classes)", type=bool),
+        Param("diversity", 1.0, "weight of the batch-mean prediction entropy bonus (guards against a "
+              "head collapsing onto one class); 0 = the official loss", min=0.0),
     ),
     needs_calibration=True, min_experts=1,
 ))
@@ -174,10 +178,25 @@ register(MethodDef(
         Param("alpha0", 0.1, "initial coefficient (per expert allowed)", scope="model", min=0.0, max=1.0),
         Param("beta", 1.0, "per-task loss weight", scope="model", min=0.0),
         Param("temperature", 1.0, "logit distillation temperature", min=0.0),
-        Param("gamma", 5.0, "weight of the L1 deviation of coefficients from alpha0", min=0.0),
+        Param("hidden_layers", "middle", "hidden states aligned by MSE: 'middle' (HF hidden_states index "
+              "L//2), comma-separated indices (0 = embeddings), or 'none'", type=str),
+        Param("hidden_weight", 1.0, "weight of the hidden-state loss", min=0.0),
+        Param("gamma", 5.0, "weight of the L1 deviation of coefficients from alpha0 (mean over the "
+              "table, the paper's normalisation: the authors' code is K times stronger)", min=0.0),
         Param("lr", 0.5, "AdamW learning rate in logit space", min=0.0),
-        Param("steps", 100, "optimizer steps", type=int, min=1),
+        Param("weight_decay", 1e-5, "AdamW weight decay", min=0.0),
+        Param("restart_period", 50, "CosineAnnealingWarmRestarts T_0 (T_mult 2, eta_min 0.1·lr)",
+              type=int, min=1),
+        Param("clip_grad", 1.0, "gradient norm clip (0 = off)", min=0.0),
+        Param("steps", 100, "optimizer steps (per stage for Expert Merging++)", type=int, min=1),
         Param("batch_size", 8, "calibration samples per task per step", type=int, min=1),
+        Param("exclude", "(?i)(norm|embed|bias|lm_head)", "regex (searched) of tensors that keep the "
+              "base values; task-specific heads are never merged", type=str),
+        Param("chunk_budget", 2.0, "Expert Merging++ total chunks B as a multiple of the number of "
+              "merged tensors", min=0.0),
+        Param("kappa", 1.0, "Expert Merging++ concentration: 0 = uniform chunks", min=0.0),
+        Param("warm_start", False, "Expert Merging++ stage 2 starts from the stage-1 coefficients "
+              "(false: from alpha0, as the authors' code)", type=bool),
     ),
     needs_calibration=True, min_experts=1,
 ))
@@ -194,6 +213,10 @@ register(MethodDef(
         Param("reg", 0.05, "Sinkhorn entropic regularisation", min=0.0),
         Param("ground_metric", "weights", "neuron features: weights or activations on calibration data",
               type=str, choices=("weights", "activations")),
+        Param("qk", "separate", "attention Q/K maps: separate, or shared (one map from both); RoPE models "
+              "always share one map over whole kv heads", type=str, choices=("separate", "shared")),
+        Param("resid_policy", "mean", "residual stream: mean of the writers' maps, or joint (one map from "
+              "all writers' features)", type=str, choices=("mean", "joint")),
     ),
     needs_base=False, min_experts=2,
 ))

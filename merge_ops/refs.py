@@ -46,8 +46,8 @@ def parse_model_ref(s: str) -> ModelRef:
         return ModelRef(s, local_path=s[len("file://"):])
     if s.startswith(("/", "./", "../", "~")) or s in (".", ".."):
         return ModelRef(s, local_path=s)
-    repo, _, rev = s.partition("@")
-    if is_repo_id(repo) and (not rev or _REVISION.match(rev)):
+    repo, at, rev = s.partition("@")
+    if is_repo_id(repo) and (not at or _REVISION.match(rev)):
         return ModelRef(s, repo_id=repo, revision=rev or None)
     raise SpecError(
         f"{s!r} is neither a local folder (start it with /, ./ or ../) nor a hub repo id "

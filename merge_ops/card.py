@@ -1,0 +1,155 @@
+"""The model card (README.md) and alloy_merge.json written next to every merged checkpoint.
+
+Front matter follows the Hub's model-card metadata for merges: `base_model` lists the inputs,
+`base_model_relation: merge` says how they relate (the Hub's own inference of it is heuristic), and
+`tags`/`library_name` make the model findable and loadable. The body mirrors mergekit's card
+(method with its paper, models merged, the exact recipe) and adds what a service knows: the input
+commits each model was built from, learned coefficients, metrics, the job id.
+`alloy_merge.json` holds the same facts for programs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from merge_ops.catalog import METHODS
+from merge_ops.job import MethodResult, ResolvedModel
+from merge_ops.sources import scrub
+from merge_ops.spec import MergeSpec
+
+CARD_FILE = "README.md"
+FACTS_FILE = "alloy_merge.json"
+_NO_CARD = {"notify"}  # spec fields that may carry secrets (webhook URLs) and say nothing about the model
+
+
+def alloy_version() -> str:
+    try:
+        return metadata.version("alloy-merge")
+    except metadata.PackageNotFoundError:
+        return "dev"
+
+
+def _recipe(spec: MergeSpec) -> dict[str, Any]:
+    return json.loads(scrub(json.dumps(spec.model_dump(mode="json", exclude_none=True, exclude=_NO_CARD))))
+
+
+def _model_name(m: ResolvedModel) -> str:
+    return m.repo_id or m.path.name
+
+
+def _inputs(spec: MergeSpec, base: ResolvedModel | None, experts: list[ResolvedModel]) -> list[dict]:
+    rows = [] if base is None else [{"role": "base", "name": _model_name(base), "ref": base.ref,
+                                     "repo": base.repo_id, "revision": base.revision, "commit": base.commit}]
+    for name, m in zip(spec.expert_names(), experts, strict=True):
+        rows.append({"role": "expert", "name": name, "ref": m.ref, "repo": m.repo_id,
+                     "revision": m.revision, "commit": m.commit})
+    return rows
+
+
+def merge_facts(spec: MergeSpec, base: ResolvedModel | None, experts: list[ResolvedModel],
+                result: MethodResult, *, job_id: str | None = None, created_at: str | None = None) -> dict:
+    """What alloy_merge.json holds (and the card shows)."""
+    m = METHODS[spec.method]
+    return {
+        "alloy_version": alloy_version(),
+        "method": spec.method,
+        "method_kind": m.kind,
+        "paper": m.paper,
+        "spec": _recipe(spec),
+        "inputs": _inputs(spec, base, experts),
+        "metrics": result.metrics,
+        "artifacts": result.artifacts,
+        "job_id": job_id,
+        "created_at": created_at or datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _paper_links(paper: str) -> str:
+    return re.sub(r"arXiv:(\d{4}\.\d{4,5})", r"[arXiv:\1](https://arxiv.org/abs/\1)", paper)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v).replace("|", "\\|")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def coefficient_summary(coef: Any) -> str | None:
+    """A markdown table from coefficients.json: {"experts": [...], "groups": [...], "values": [[...]]}
+    (experts × groups). Few groups: the whole table; many: mean/min/max per expert."""
+    if not isinstance(coef, dict):
+        return None
+    values = coef.get("values")
+    experts = coef.get("experts") or coef.get("tasks")
+    groups = coef.get("groups") or []
+    if not (isinstance(values, list) and values and all(isinstance(r, list) and r for r in values)):
+        return None
+    experts = experts if isinstance(experts, list) and len(experts) == len(values) else [
+        f"expert {i}" for i in range(len(values))]
+    if len(values[0]) <= 8:
+        groups = groups if len(groups) == len(values[0]) else [f"g{j}" for j in range(len(values[0]))]
+        return _table(["expert", *map(str, groups)], [[e, *row] for e, row in zip(experts, values, strict=True)])
+    return _table(["expert", "groups", "mean", "min", "max"],
+                  [[e, len(r), sum(r) / len(r), min(r), max(r)] for e, r in zip(experts, values, strict=True)])
+
+
+def render_card(facts: dict, spec: MergeSpec, out_dir: Path) -> str:
+    m = METHODS[spec.method]
+    inputs = facts["inputs"]
+    base = next((i for i in inputs if i["role"] == "base"), None)
+    meta = {"base_model": [i["repo"] or i["name"] for i in inputs], "base_model_relation": "merge",
+            "tags": ["merge", "alloy", spec.method], "library_name": "transformers"}
+    title = spec.name or (spec.publish.repo.split("/")[-1] if spec.publish else f"{spec.method} merge")
+    n = sum(1 for i in inputs if i["role"] == "expert")
+    out = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {title}", "",
+           f"A merge of {n} fine-tuned model{'s' if n != 1 else ''} made with Alloy using **{m.name}**"
+           + (f" on top of `{base['repo'] or base['name']}`." if base else "."), "",
+           "## Merge method", "", f"**{m.name}**: {m.summary}", "", f"Paper: {_paper_links(m.paper)}", "",
+           "## Models merged", "",
+           _table(["role", "model", "revision", "commit"],
+                  [[i["role"] if i["role"] == "base" else f"expert `{i['name']}`", i["repo"] or i["ref"],
+                    i["revision"], f"`{i['commit']}`" if i["commit"] else None] for i in inputs]), ""]
+    arts = facts["artifacts"]
+    if "coefficients_png" in arts or "coefficients" in arts:
+        out += ["## Learned coefficients", ""]
+        if "coefficients_png" in arts:
+            out += [f"![learned merging coefficients]({arts['coefficients_png']})", ""]
+        coef_file = out_dir / arts.get("coefficients", "coefficients.json")
+        if coef_file.is_file():
+            summary = coefficient_summary(json.loads(coef_file.read_text()))
+            if summary:
+                out += [summary, ""]
+            out += [f"All values: [`{coef_file.name}`]({coef_file.name}).", ""]
+    scalars = {k: v for k, v in facts["metrics"].items() if isinstance(v, int | float | str | bool)}
+    if scalars:
+        out += ["## Metrics", "", _table(["metric", "value"], [[k, v] for k, v in scalars.items()]), ""]
+    out += ["## Recipe", "", "```yaml", yaml.safe_dump(facts["spec"], sort_keys=False).rstrip(), "```", "",
+            "## Provenance", "",
+            f"- Alloy {facts['alloy_version']}, created {facts['created_at']}"
+            + (f", job `{facts['job_id']}`" if facts["job_id"] else ""),
+            f"- Machine-readable: [`{FACTS_FILE}`]({FACTS_FILE})", ""]
+    return "\n".join(out)
+
+
+def write_card(out_dir: Path, spec: MergeSpec, base: ResolvedModel | None, experts: list[ResolvedModel],
+               result: MethodResult, *, job_id: str | None = None) -> None:
+    """Write README.md (model card) and alloy_merge.json into out_dir."""
+    out_dir = Path(out_dir)
+    facts = merge_facts(spec, base, experts, result, job_id=job_id)
+    (out_dir / FACTS_FILE).write_text(json.dumps(facts, indent=2, default=str) + "\n")
+    (out_dir / CARD_FILE).write_text(render_card(facts, spec, out_dir))

@@ -1,0 +1,1 @@
+"""Learned merging: a merged model as a differentiable function of a coefficient table (engine.py)."""

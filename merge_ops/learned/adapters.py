@@ -1,0 +1,124 @@
+"""Model adapters: run the base architecture on given parameters and return what losses score.
+
+An adapter owns one instance of the base architecture, built from the base's config.json, whose
+own tensors are the base's (assigned, not copied) and frozen. `forward(params, head, batch)` runs it
+through `torch.func.functional_call` with the merged (or an expert's) parameters and a task's own
+task-specific tensors, and returns `Output(logits [N, C], hidden)`: one row per prediction the loss
+scores.
+
+    EncoderClassifier  HF encoder (BertModel, ...) + a per-task linear head on mean-pooled tokens
+                       (the sentence-transformers convention). The head is the task's
+                       task-specific tensors: one 2-D `*weight` [C, hidden] and optionally a `*bias`.
+    CausalLM           HF *ForCausalLM: next-token distributions at every real (unmasked) position.
+                       Task-specific tensors, if any, must be module tensors (e.g. a per-task lm_head).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.func import functional_call
+
+from merge_ops.errors import CheckpointError, SpecError
+from merge_ops.learned.calibration import Batch
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor  # [N, C]
+    hidden: tuple[torch.Tensor, ...] | None = None  # HF hidden_states ([0] = embeddings), if asked
+
+
+class Adapter:
+    kind = "base"
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module.eval()  # eval: no dropout, so a step is a deterministic function of c
+        for p in module.parameters():
+            p.requires_grad_(False)
+        self.names = set(module.state_dict())
+
+    def bind(self, base: dict[str, torch.Tensor]) -> None:
+        """Make the module's own tensors the base's (shared storage: no second copy of the model)."""
+        self.module.load_state_dict({n: t for n, t in base.items() if n in self.names}, strict=False,
+                                    assign=True)
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    def used(self, name: str) -> bool:
+        """Whether the architecture reads this checkpoint tensor (others cannot be learned)."""
+        return name in self.names
+
+    def _call(self, params: dict[str, torch.Tensor], batch: Batch, hidden: bool) -> object:
+        p = {n: t for n, t in params.items() if n in self.names}
+        return functional_call(self.module, p, args=(),
+                               kwargs={"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                                       "output_hidden_states": hidden}, strict=False)
+
+    def forward(self, params: dict[str, torch.Tensor], head: dict[str, torch.Tensor], batch: Batch,
+                hidden: bool = False) -> Output:
+        raise NotImplementedError
+
+    def pad_id(self) -> int:
+        pid = getattr(self.module.config, "pad_token_id", None)
+        return int(pid) if pid is not None else 0
+
+
+class EncoderClassifier(Adapter):
+    kind = "encoder"
+
+    def forward(self, params: dict[str, torch.Tensor], head: dict[str, torch.Tensor], batch: Batch,
+                hidden: bool = False) -> Output:
+        out = self._call(params, batch, hidden)
+        h = out.last_hidden_state  # type: ignore[attr-defined]
+        m = batch.attention_mask.unsqueeze(-1).to(h.dtype)
+        pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+        w, b = _linear_head(head)
+        return Output(torch.nn.functional.linear(pooled, w, b),
+                      out.hidden_states if hidden else None)  # type: ignore[attr-defined]
+
+
+class CausalLM(Adapter):
+    kind = "causal_lm"
+
+    def forward(self, params: dict[str, torch.Tensor], head: dict[str, torch.Tensor], batch: Batch,
+                hidden: bool = False) -> Output:
+        unknown = [n for n in head if n not in self.names]
+        if unknown:
+            raise SpecError(f"task-specific tensor {unknown[0]!r} is not part of the causal LM",
+                            param="task_specific")
+        out = self._call({**params, **head}, batch, hidden)
+        logits = out.logits  # type: ignore[attr-defined]
+        return Output(logits[batch.attention_mask.bool()], out.hidden_states if hidden else None)  # type: ignore[attr-defined]
+
+
+def _linear_head(head: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ws = [n for n, t in head.items() if t.dim() == 2 and n.endswith("weight")]
+    bs = [n for n, t in head.items() if t.dim() == 1 and n.endswith("bias")]
+    if len(ws) != 1 or len(bs) > 1 or len(head) != len(ws) + len(bs):
+        raise SpecError("an encoder task head must be one linear layer (a 2-D *weight and an optional "
+                        f"*bias); the task-specific tensors are {sorted(head)}", param="task_specific")
+    return head[ws[0]], head[bs[0]] if bs else None
+
+
+def build_adapter(base_dir: Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> Adapter:
+    """CausalLM for configs whose architectures name a *ForCausalLM, else EncoderClassifier."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    cfg_path = base_dir / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{base_dir} has no config.json: a learned merge needs the architecture",
+                              param=str(base_dir))
+    archs = json.loads(cfg_path.read_text()).get("architectures") or []
+    config = AutoConfig.from_pretrained(str(base_dir))
+    causal = any(a.endswith("ForCausalLM") for a in archs)
+    try:
+        with torch.device(device):
+            module = (AutoModelForCausalLM if causal else AutoModel).from_config(config, dtype=dtype)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"transformers cannot build the architecture of {base_dir}: {e}",
+                              param=str(base_dir)) from None
+    return (CausalLM if causal else EncoderClassifier)(module)

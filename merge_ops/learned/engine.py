@@ -1,0 +1,334 @@
+"""The learned-merge engine: a merged model as a differentiable function of a coefficient table.
+
+    θ[name] = θ₀[name] + Σ_k c[k, slot(name)] · τ_k[name]          τ_k = expert_k − base
+
+`MergeInputs` holds θ₀ and the task vectors, stored once in the compute dtype (τ stacked per tensor
+as [K, *shape]; tensors no expert changed are kept as constants with no τ and no coefficient).
+`MergeEngine` owns the only trainable tensor, the raw table [groups, K], and turns it into merged
+parameters (`merged_params()`), which an adapter (adapters.py) feeds to the base architecture through
+`torch.func.functional_call`: no model copy is built per step, gradients reach only the table.
+`expert_params(k)` gives expert k's own weights (θ₀ + τ_k) through the same path, so a distillation
+loss needs no teacher model in memory.
+
+How a learned method plugs in (AdaMerging in adamerging.py is the worked example):
+    1. inputs = load_merge_inputs(base_dir, expert_dirs, names, task_specific=..., dtype=...)
+    2. groups = ParamGroups(inputs.merged_shapes(), "layer" | "task" | "block" | "chunk", chunks=...)
+    3. engine = MergeEngine(inputs, groups, init=..., parameterisation="clamp" | "sigmoid")
+    4. write a loss: `def loss_fn(step, s: Step) -> None` that draws its calibration batches and,
+       per task, calls `s.backward(term)` on a scalar computed from
+       `adapter.forward(s.params, inputs.heads[task], batch)` (for a teacher:
+       `adapter.forward(engine.expert_params(k), ...)` under no_grad, cached if it is reused);
+       a regulariser is one more term built on `engine.coefficients()`
+    5. result = fit(engine, loss_fn, steps=..., optimizer=..., progress=ctx.progress, check_cancel=...)
+    6. outputs.write_outputs(ctx, inputs, engine, ...) writes the checkpoint, heads and the table.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from merge_ops.checkpoint import CheckpointReader
+from merge_ops.errors import CheckpointError, MergeFailed, SpecError
+from merge_ops.learned.coefficients import Coefficients
+from merge_ops.learned.groups import ParamGroups
+
+PARAMETERISATIONS = ("clamp", "sigmoid", "none")
+
+
+@dataclass
+class MergeInputs:
+    experts: list[str]
+    base: dict[str, torch.Tensor]  # every floating tensor of the base, compute dtype
+    task_vectors: dict[str, torch.Tensor]  # merged name -> [K, *shape], compute dtype
+    heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # expert -> task-specific
+    constant: list[str] = field(default_factory=list)  # base tensors no expert changed
+
+    def merged_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        return [(n, tuple(t.shape[1:])) for n, t in self.task_vectors.items()]
+
+    def nbytes(self) -> int:
+        ts = [*self.base.values(), *self.task_vectors.values()]
+        ts += [t for h in self.heads.values() for t in h.values()]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+def load_merge_inputs(base_dir: Path, expert_dirs: Sequence[Path], experts: Sequence[str], *,
+                      task_specific: Sequence[str] = (), dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu", only: Callable[[str], bool] | None = None
+                      ) -> MergeInputs:
+    """Read the base and the experts tensor by tensor; task vectors are built as they stream in.
+
+    Tensors matching a `task_specific` regex are not merged: each expert's copy goes to `heads`
+    (they may differ in shape and the base may lack them). `only(name)` restricts which base tensors
+    get task vectors (e.g. tensors the architecture actually uses)."""
+    pats = [re.compile(p) for p in task_specific]
+
+    def is_specific(n: str) -> bool:
+        return any(p.search(n) for p in pats)
+
+    readers = [CheckpointReader(d) for d in expert_dirs]
+    base_r = CheckpointReader(base_dir)
+    try:
+        base: dict[str, torch.Tensor] = {}
+        tvs: dict[str, torch.Tensor] = {}
+        constant: list[str] = []
+        for n in base_r.names():
+            if not base_r.dtype(n).is_floating_point or is_specific(n):
+                continue
+            b = base_r.read(n).to(device=device, dtype=dtype)
+            base[n] = b
+            if only is not None and not only(n):
+                continue
+            stack = torch.empty((len(readers), *b.shape), dtype=dtype, device=device)
+            for k, r in enumerate(readers):
+                if n not in r:
+                    raise CheckpointError(f"expert {experts[k]!r} ({r.folder}) has no tensor {n!r}: the "
+                                          "experts must be fine-tuned from the base", param=experts[k])
+                if r.shape(n) != tuple(b.shape):
+                    raise CheckpointError(f"tensor {n!r} has shape {list(r.shape(n))} in expert "
+                                          f"{experts[k]!r} but {list(b.shape)} in the base", param=experts[k])
+                torch.sub(r.read(n).to(device=device, dtype=dtype), b, out=stack[k])
+            if torch.count_nonzero(stack) == 0:
+                constant.append(n)  # nothing to learn: θ = θ₀ whatever the coefficients
+            else:
+                tvs[n] = stack
+        heads: dict[str, dict[str, torch.Tensor]] = {}
+        for name, r in zip(experts, readers, strict=True):
+            heads[name] = {n: r.read(n).to(device=device, dtype=dtype) for n in r.names()
+                           if is_specific(n)}
+        if pats and not any(heads.values()):
+            raise SpecError(f"task_specific patterns {list(task_specific)} match no tensor of any expert",
+                            param="task_specific")
+        return MergeInputs(list(experts), base, tvs, heads, constant)
+    finally:
+        base_r.close()
+        for r in readers:
+            r.close()
+
+
+def ties_trim(inputs: MergeInputs, density: float) -> None:
+    """AdaMerging++: replace each τ_k by its TIES-selected entries, in place.
+
+    As the official code: keep the top-`density` magnitudes of each task's whole flattened task
+    vector, elect a sign per entry from the sum of the kept entries (majority sign where it is 0),
+    keep only entries agreeing with it."""
+    tvs = inputs.task_vectors
+    if not tvs:
+        return
+    total = sum(t[0].numel() for t in tvs.values())
+    keep = int(density * total)
+    thr = []
+    for k in range(len(inputs.experts)):
+        flat = torch.cat([t[k].abs().flatten() for t in tvs.values()])
+        if flat.element_size() < 4:  # kthvalue lacks half kernels; float32 holds bf16/fp16 exactly
+            flat = flat.float()
+        thr.append(math.inf if keep == 0 else flat.kthvalue(total - keep + 1).values.item())
+        del flat
+    signs = {}
+    for n, tv in tvs.items():
+        t = torch.tensor(thr, dtype=tv.dtype, device=tv.device).view(-1, *[1] * (tv.dim() - 1))
+        tv.mul_(tv.abs() >= t)
+        signs[n] = torch.sign(tv.sum(0))
+    majority = 1.0 if float(sum(s.sum() for s in signs.values())) >= 0 else -1.0
+    for n, tv in tvs.items():
+        s = signs[n]
+        s[s == 0] = majority
+        tv.mul_(torch.sign(tv) == s)
+
+
+class MergeEngine(torch.nn.Module):
+    """θ(c) over MergeInputs; `raw` [groups, K] is the only trainable tensor."""
+
+    def __init__(self, inputs: MergeInputs, groups: ParamGroups, *, init: float | Sequence[float] = 0.3,
+                 parameterisation: str = "clamp", fixed: float | Sequence[float] | None = None):
+        super().__init__()
+        if parameterisation not in PARAMETERISATIONS:
+            raise SpecError(f"parameterisation {parameterisation!r} is not one of {list(PARAMETERISATIONS)}")
+        if set(groups.slots) != set(inputs.task_vectors):
+            raise ValueError("ParamGroups must be built over exactly the merged tensors "
+                             "(MergeInputs.merged_shapes())")
+        self.inputs = inputs
+        self.groups = groups
+        self.parameterisation = parameterisation
+        k = len(inputs.experts)
+        init_t = _per_expert(init, k, "init")
+        if parameterisation == "sigmoid":
+            if not bool(((init_t > 0) & (init_t < 1)).all()):
+                raise SpecError("sigmoid coefficients need an init strictly between 0 and 1", param="init")
+            raw0 = torch.logit(init_t)
+        else:
+            raw0 = init_t
+        self.raw = torch.nn.Parameter(raw0.repeat(groups.n_groups, 1).clone())
+        self.register_buffer("fixed", _per_expert(init if fixed is None else fixed, k, "fixed"))
+        self._sizes = {n: s.chunk_sizes() for n, s in groups.slots.items() if s.chunks > 1}
+
+    def coefficients(self) -> torch.Tensor:
+        """Effective table [groups, K]: clamped to [0, 1], squashed by a sigmoid, or raw ("none")."""
+        if self.parameterisation == "sigmoid":
+            return torch.sigmoid(self.raw)
+        if self.parameterisation == "clamp":
+            return self.raw.clamp(0.0, 1.0)
+        return self.raw
+
+    def merged_tensor(self, name: str, coeffs: torch.Tensor | None = None) -> torch.Tensor:
+        base = self.inputs.base[name]
+        tv = self.inputs.task_vectors.get(name)
+        if tv is None:
+            return base
+        c = self.coefficients() if coeffs is None else coeffs
+        slot = self.groups.slots[name]
+        k = tv.shape[0]
+        flat = tv.reshape(k, -1)
+        if slot.chunks == 0:
+            delta = self.fixed.to(tv.dtype) @ flat
+        elif slot.chunks == 1:
+            delta = c[slot.row].to(tv.dtype) @ flat  # one fused K-term sum, no K temporaries
+        else:
+            rows = c[slot.row: slot.row + slot.chunks].to(tv.dtype)  # [m, K]
+            sizes = torch.tensor(self._sizes[name], device=tv.device)
+            per_entry = rows.t().repeat_interleave(sizes, dim=1)  # [K, numel]
+            delta = (per_entry * flat).sum(0)
+        return base + delta.view(base.shape)
+
+    def merged_params(self) -> dict[str, torch.Tensor]:
+        """Every floating base tensor, merged ones as differentiable functions of the table."""
+        c = self.coefficients()
+        return {n: self.merged_tensor(n, c) for n in self.inputs.base}
+
+    def expert_params(self, k: int) -> dict[str, torch.Tensor]:
+        """Expert k's own weights θ₀ + τ_k (no gradient): a teacher without a second model."""
+        with torch.no_grad():
+            out = dict(self.inputs.base)
+            for n, tv in self.inputs.task_vectors.items():
+                out[n] = self.inputs.base[n] + tv[k]
+        return out
+
+    def table(self, **meta: object) -> Coefficients:
+        return Coefficients(list(self.groups.group_names), list(self.inputs.experts),
+                            self.coefficients().detach().cpu().double(),
+                            {"grouping": self.groups.grouping, "parameterisation": self.parameterisation,
+                             **meta})
+
+
+def _per_expert(v: float | Sequence[float], k: int, what: str) -> torch.Tensor:
+    t = torch.tensor([float(v)] * k if isinstance(v, int | float) else [float(x) for x in v],
+                     dtype=torch.float32)
+    if t.numel() != k:
+        raise SpecError(f"{what} has {t.numel()} values for {k} experts", param=what)
+    return t
+
+
+# -- the optimisation loop shared by every learned method ----------------------------------------
+@dataclass
+class FitResult:
+    losses: list[float]
+    seconds: float
+    step_seconds: float  # mean over steps after the first (the first pays one-off costs)
+    steps: int
+    stopped_early: bool = False
+    peak_memory: dict[str, float] = field(default_factory=dict)
+
+
+def peak_memory(device: str | torch.device = "cpu") -> dict[str, float]:
+    """Process peak RSS (Linux reports KiB) and, on CUDA, the allocator's peak, in MiB."""
+    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+class Step:
+    """One optimisation step's parameters, for losses made of several terms (one per task).
+
+    `params` are the merged tensors as detached leaves: each term's `backward(term)` runs the model's
+    backward and frees that term's activations at once (peak memory = one task's graph, not all of
+    them), accumulating dL/dθ in the leaves; `finish()` then pushes dL/dθ through the merge into the
+    coefficients in one pass, instead of re-walking the merge graph once per term. A term may also
+    depend on `engine.coefficients()` directly (a regulariser): its gradient goes straight there."""
+
+    def __init__(self, engine: MergeEngine):
+        self.engine = engine
+        self._merged = engine.merged_params()
+        tvs = engine.inputs.task_vectors
+        self.params = {n: (t.detach().requires_grad_(True) if n in tvs else t) for n, t in self._merged.items()}
+        self.total = 0.0
+
+    def backward(self, term: torch.Tensor) -> None:
+        if not torch.isfinite(term):
+            raise MergeFailed(f"a loss term became {float(term)}: lower the learning rate")
+        term.backward()
+        self.total += float(term.detach())
+
+    def finish(self) -> None:
+        pairs = [(self._merged[n], p.grad) for n, p in self.params.items()
+                 if p.requires_grad and p.grad is not None]
+        if pairs:
+            torch.autograd.backward([m for m, _ in pairs], [g for _, g in pairs])
+        self._merged = {}
+
+
+def fit(engine: MergeEngine, loss_fn: Callable[[int, Step], None] | Callable[[int], torch.Tensor], *,
+        steps: int,
+        optimizer: torch.optim.Optimizer, scheduler: object | None = None, clip_grad: float | None = None,
+        patience: int | None = None, min_delta: float = 1e-4,
+        progress: Callable[..., None] | None = None, check_cancel: Callable[[], None] | None = None,
+        stage: str = "learn") -> FitResult:
+    """Run `steps` optimizer steps. Two loss styles:
+
+    * `loss_fn(step, s: Step) -> None` calls `s.backward(term)` per term, forwarding `s.params`
+      (memory-lean: one term's activations alive at a time; the step's loss is the sum of terms);
+    * `loss_fn(step) -> Tensor` returns the whole loss, built on `engine.merged_params()`.
+
+    `patience`: stop when the best loss has not improved by `min_delta` (relative) for that many
+    steps. A NaN/Inf loss fails the job rather than producing a silently wrong model."""
+    two_phase = len(inspect.signature(loss_fn).parameters) >= 2
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    t_first = None
+    best, since_best, stopped = math.inf, 0, False
+    for step in range(steps):
+        if check_cancel is not None:
+            check_cancel()
+        optimizer.zero_grad(set_to_none=True)
+        if two_phase:
+            s = Step(engine)
+            loss_fn(step, s)  # type: ignore[call-arg]
+            s.finish()
+            value = s.total
+        else:
+            loss = loss_fn(step)  # type: ignore[call-arg]
+            if not torch.isfinite(loss):
+                raise MergeFailed(f"the loss became {float(loss)} at step {step}: lower the learning rate")
+            loss.backward()
+            value = float(loss.detach())
+        if clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(engine.parameters(), clip_grad)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()  # type: ignore[attr-defined]
+        losses.append(value)
+        if step == 0:
+            t_first = time.perf_counter()
+        if progress is not None:
+            progress(stage, step + 1, steps, value)
+        if patience is not None:
+            if value < best - min_delta * abs(best if math.isfinite(best) else value):
+                best, since_best = value, 0
+            else:
+                since_best += 1
+                if since_best >= patience:
+                    stopped = True
+                    break
+    elapsed = time.perf_counter() - t0
+    n = len(losses)
+    step_s = (time.perf_counter() - t_first) / (n - 1) if n > 1 and t_first else elapsed / max(n, 1)
+    return FitResult(losses, elapsed, step_s, n, stopped, peak_memory(engine.raw.device))

@@ -1,0 +1,183 @@
+"""The streaming runner shared by every static method.
+
+For each tensor, in the storage order of the base (sequential reads): read it from the base and
+every expert, resolve the method's parameters for that tensor (per-layer gradients, filters), call
+the method module's `merge_tensor`, check the result is finite, and write it at its place in the
+output shards. At any moment only a couple of tensors per input are in memory: one being merged
+and the next one, which a reader thread fetches meanwhile so disk/page-cache copies overlap the
+arithmetic. Input buffers are allocated once (the size of the largest tensor) and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import resource
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+
+from merge_ops import layers
+from merge_ops import params as pv
+from merge_ops.checkpoint import (
+    TORCH_DTYPES,
+    CheckpointReader,
+    CheckpointWriter,
+    TensorSpec,
+    check_compatible,
+    copy_aux_files,
+)
+from merge_ops.errors import CheckpointError, MergeFailed
+from merge_ops.job import JobContext, MethodResult
+from merge_ops.methods.base import TensorInputs
+from merge_ops.spec import MergeSpec, parse_size
+
+MergeFn = Callable[[TensorInputs], torch.Tensor]
+
+
+def load_merge_fn(spec: MergeSpec) -> MergeFn:
+    return spec.method_def().module().merge_tensor
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A stable per-tensor seed: random methods give the same result whatever the tensor order."""
+    digest = hashlib.blake2b(f"{seed}\x00{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def resolve_params(spec: MergeSpec, name: str, t: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(global params, per-expert model params) of the spec's method for tensor `name` at depth t."""
+    m = spec.method_def()
+    glob: dict[str, Any] = {}
+    per_model: list[dict[str, Any]] = [{} for _ in spec.experts]
+    for p in m.params:
+        if p.scope == "global":
+            v = pv.resolve(spec.global_param(p.name), name, t)
+            glob[p.name] = p.default if v is None else v
+        else:
+            for i, d in enumerate(per_model):
+                v = pv.resolve(spec.model_param_value(i, p.name), name, t)
+                d[p.name] = p.default if v is None else v
+    return glob, per_model
+
+
+def _finite(t: torch.Tensor) -> bool:
+    # min/max propagate NaN and expose ±Inf; one aminmax pass is ~25x faster than isfinite().all() on bf16
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _merge_one(ctx: JobContext, merge_tensor: MergeFn, name: str, inputs: list[torch.Tensor], n_layers: int,
+               compute_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
+    spec, device = ctx.spec, torch.device(ctx.device)
+    if device.type != "cpu":
+        inputs = [x.to(device) for x in inputs]
+    glob, per_model = resolve_params(spec, name, layers.depth_fraction(name, n_layers))
+    has_base = ctx.base is not None
+    return merge_tensor(TensorInputs(
+        name=name, base=inputs[0] if has_base else None, experts=inputs[1:] if has_base else inputs,
+        model_params=per_model, params=glob, compute_dtype=compute_dtype, out_dtype=out_dtype,
+        layer=layers.layer_index(name), n_layers=n_layers,
+        generator=torch.Generator(device=device).manual_seed(tensor_seed(spec.seed, name))))
+
+
+def run(ctx: JobContext) -> MethodResult:
+    spec = ctx.spec
+    t0 = time.perf_counter()
+    merge_tensor = load_merge_fn(spec)
+    compute_dtype = TORCH_DTYPES[spec.dtype]
+    out_dtype = TORCH_DTYPES[spec.out_dtype] if spec.out_dtype else None
+    keep = [re.compile(p) for p in spec.task_specific]
+
+    with ExitStack() as stack:
+        labels = (["base"] if ctx.base is not None else []) + [f"expert {n}" for n in spec.expert_names()]
+        folders = ([ctx.base.path] if ctx.base is not None else []) + [e.path for e in ctx.experts]
+        readers = {lab: stack.enter_context(CheckpointReader(f)) for lab, f in zip(labels, folders, strict=True)}
+        ref = readers[labels[0]]  # the base, or the first expert for base-free methods
+        shared = check_compatible(readers, ignore=spec.task_specific)
+        for r in readers.values():  # a config.json that is not JSON is a broken checkpoint too
+            if (r.folder / "config.json").is_file():
+                r.config()
+        # task-specific tensors (e.g. classification heads) are not merged: the reference's copy is kept
+        shared_set = set(shared)
+        names = [n for n in ref.names() if n in shared_set or any(p.search(n) for p in keep)]
+        n_layers = layers.num_layers(names)
+
+        def out_dt(n: str) -> torch.dtype:
+            stored = ref.dtype(n)
+            return out_dtype if out_dtype is not None and stored.is_floating_point else stored
+
+        layout = [TensorSpec(n, ref.shape(n), out_dt(n)) for n in names]
+        writer = stack.enter_context(CheckpointWriter(ctx.out_dir, layout, parse_size(spec.shard_size)))
+        order = list(readers.values())
+        biggest = max((r.info(n).nbytes for n in shared for r in order), default=0)
+        biggest = max([biggest, *(ref.info(n).nbytes for n in names)])
+        # two buffer sets: one being merged, one being filled by the reader thread. A second thread
+        # writes each result while the next tensor is merged (at most one write in flight).
+        buffers = [[torch.empty(biggest, dtype=torch.uint8) for _ in order] for _ in range(2)]
+        reads = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="alloy-read"))
+        writes = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="alloy-write"))
+
+        def fetch(i: int) -> list[torch.Tensor]:
+            n = names[i]
+            if n not in shared_set:
+                return [ref.read(n, buffers[i % 2][0])]
+            return [r.read(n, b) for r, b in zip(order, buffers[i % 2], strict=True)]
+
+        pending = reads.submit(fetch, 0) if names else None
+        written: Future[None] | None = None
+        n_params = 0
+        for i, name in enumerate(names):
+            ctx.check_cancel()
+            inputs = pending.result()
+            pending = reads.submit(fetch, i + 1) if i + 1 < len(names) else None
+            n_params += inputs[0].numel()
+            if name not in shared_set or not inputs[0].is_floating_point():
+                out = inputs[0].to(out_dt(name))
+            else:
+                out = _merge_one(ctx, merge_tensor, name, inputs, n_layers, compute_dtype, out_dt(name))
+                if tuple(out.shape) != ref.shape(name):
+                    raise MergeFailed(f"method {spec.method} returned shape {list(out.shape)} for tensor "
+                                      f"{name!r}, expected {list(ref.shape(name))}")
+                if not _finite(out):
+                    # a NaN/Inf input is a broken checkpoint: name its file rather than blame the method
+                    bad = next((lab for lab, x in zip(labels, inputs, strict=False) if not _finite(x)), None)
+                    if bad is not None:
+                        raise CheckpointError(f"{readers[bad].info(name).file}: tensor {name!r} holds NaN or "
+                                              f"Inf ({bad}); fix or drop this checkpoint", param=bad)
+                    raise MergeFailed(f"merged tensor {name!r} holds NaN or Inf: check the inputs and "
+                                      f"parameters of {spec.method} (e.g. weights summing to 0 with "
+                                      "normalize)", param=name)
+                out = out.to(out_dt(name)).cpu()
+            if any(_same_memory(out, b) for b in buffers[i % 2]):
+                out = out.clone()  # the reader refills this buffer while the write is in flight
+            if written is not None:
+                written.result()
+            written = writes.submit(writer.write, name, out)
+            ctx.progress("merge", i + 1, len(names))
+        if written is not None:
+            written.result()
+        shards = writer.shard_files()
+    # the writer finished (renamed shards, wrote the index) when the ExitStack closed
+    floats = [t.dtype for t in layout if t.dtype.is_floating_point]
+    config_dtype = out_dtype or (max(set(floats), key=floats.count) if floats else None)
+    copy_aux_files(folders[0], ctx.out_dir, config_dtype)
+    return MethodResult(metrics={
+        "tensors": len(names),
+        "parameters": n_params,
+        "shards": len(shards),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    })
+
+

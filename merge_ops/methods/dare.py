@@ -1,0 +1,75 @@
+"""DARE: drop task-vector entries at random and rescale, then merge (`dare_linear`).
+
+Yu et al. 2024, "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a
+Free Lunch", ICML, arXiv:2311.03099. With mergekit's semantics, per tensor:
+
+    τᵢ = mᵢ ⊙ (expertᵢ − base),  mᵢ ~ Bernoulli(density) per entry (density ≥ 1: no drop)
+    rescale (default on): τᵢ ← τᵢ · ‖expertᵢ − base‖₁ / ‖τᵢ‖₁ — mergekit's L1 rescale, which is
+      ≈ 1/density (the paper's factor) but preserves the L1 norm exactly
+    then task arithmetic (`dare_linear`) or TIES sign election (`dare_ties`, see dare_ties.py).
+
+Defaults (mergekit): weight 1, density 1, lambda 1, normalize false, rescale true.
+
+Randomness: the driver seeds `x.generator` from (spec seed, tensor name), so a merge is
+reproducible and each tensor's masks do not depend on the others. Masks are drawn block by block
+and expert by expert from that generator as 16-bit uniform integers (four per 64-bit draw): an
+entry is kept when its integer is below round(density·2¹⁶), so the keep probability is density
+rounded to a multiple of 2⁻¹⁶. mergekit uses `torch.bernoulli` with its global RNG, so DARE
+results match mergekit in distribution, not entry by entry.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from merge_ops.methods.base import TensorInputs
+from merge_ops.methods.kernels import buffer, model_param
+from merge_ops.methods.task_vectors import merge
+from merge_ops.select import RadixSelect
+
+LANES = 4  # 16-bit uniforms per int64 draw
+
+
+class Bernoulli:
+    """Keep each entry with probability `density`, from a generator that each pass rewinds."""
+
+    def __init__(self, density: float, generator: torch.Generator):
+        self.density = density
+        self.cut = round(min(max(density, 0.0), 1.0) * 65536) - 32768  # keep lanes < cut
+        self.gen = generator
+        self._state = generator.get_state()
+
+    def pending(self) -> list[RadixSelect]:
+        return []
+
+    def start(self) -> None:
+        self.gen.set_state(self._state)
+
+    def apply(self, d: torch.Tensor) -> None:
+        if self.density >= 1:
+            return
+        n = d.numel()
+        words = buffer("dare_words", -(-n // LANES), torch.int64, self.gen.device)
+        words.random_(-(1 << 63), None, generator=self.gen)
+        lanes = words.view(torch.int16)[:n]
+        keep = buffer("dare_keep", n, torch.bool, d.device)
+        torch.lt(lanes.to(d.device), self.cut, out=keep)
+        d.mul_(keep)
+
+
+def generator(x: TensorInputs) -> torch.Generator:
+    if x.generator is not None:
+        return x.generator
+    device = x.base.device if x.base is not None else torch.device("cpu")
+    return torch.Generator(device=device).manual_seed(zlib.crc32(x.name.encode()))
+
+
+def trims(x: TensorInputs, method: str) -> list[Bernoulli]:
+    gen = generator(x)
+    return [Bernoulli(float(model_param(x, method, i, "density")), gen) for i in range(len(x.experts))]
+
+
+def merge_tensor(x: TensorInputs) -> torch.Tensor:
+    return merge(x, "dare_linear", trims(x, "dare_linear"), consensus=False)

@@ -1,0 +1,209 @@
+"""The task-vector core of task_arithmetic, ties, dare_linear, dare_ties and breadcrumbs.
+
+This is mergekit's "generalized task arithmetic", tensor by tensor, with the same semantics:
+
+    τᵢ = trimᵢ(expertᵢ − base)          sparsification (TIES top-k, DARE random, Breadcrumbs band);
+                                        with `rescale`, τᵢ is scaled to keep the L1 norm it had
+                                        before trimming (mergekit's RescaleNorm.l1)
+    δᵢ = wᵢ·τᵢ
+    no consensus:  Δ = Σ δᵢ,                        divisor = Σ wᵢ      (|divisor| < 1e-8 → 1)
+    consensus:     m = sign(Σ δᵢ), 0 counts as +    (TIES sign election from the weighted deltas)
+                   Δ = Σ δᵢ·[sign δᵢ = m],          divisor = Σ wᵢ·[sign δᵢ = m]   (0 → 1)
+                   (a zero δᵢ agrees with neither sign)
+    normalize:     Δ ← Δ / divisor
+    out = base + λ·s(l)·Δ               s(l) = LiNeS depth scale (1 unless `lines`)
+
+Passes over the tensor, all blocked (see kernels.py): selection passes for top-k thresholds (TIES,
+Breadcrumbs: 2 for fp32 work), one more when `rescale` needs the L1 norms before and after
+trimming, then the merge pass. Without trimming or consensus the merge is a single fused weighted
+sum: (1 − c·Σwᵢ)·base + Σ c·wᵢ·expertᵢ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from merge_ops.catalog import get_method
+from merge_ops.methods import lines
+from merge_ops.methods.base import TensorInputs
+from merge_ops.methods.kernels import (
+    block_size,
+    buffer,
+    model_param,
+    param,
+    require_base,
+    spans,
+    weighted_sum,
+    work_dtype,
+)
+from merge_ops.select import RadixSelect
+
+RESCALE_EPS = 1e-7  # mergekit: below this norm (before or after trimming) no rescale happens
+
+
+class Trim(Protocol):
+    """The sparsification of one expert's task vector, applied a block at a time in order."""
+
+    def pending(self) -> list[RadixSelect]:
+        """Selections that still need a pass over the magnitudes |τ| before `apply` works."""
+        ...
+
+    def start(self) -> None:
+        """Rewind per-pass state (tie counters, random stream): called before every apply pass."""
+        ...
+
+    def apply(self, d: torch.Tensor) -> None:
+        """Zero the dropped entries of the next block of τ, in place."""
+        ...
+
+
+def merge(x: TensorInputs, method: str, trims: Sequence[Trim | None] | None = None,
+          consensus: bool = False) -> torch.Tensor:
+    base = require_base(x, method)
+    experts = x.experts
+    if not experts:
+        return base.to(x.out_dtype, copy=True)
+    n_exp = len(experts)
+    wd, device = work_dtype(x.compute_dtype), base.device
+    weights = [float(model_param(x, method, i, "weight")) for i in range(n_exp)]
+    normalize = bool(param(x, method, "normalize"))
+    scale = float(param(x, method, "lambda")) * lines.scale(x, method, normalize)
+    has_rescale = get_method(method).param("rescale") is not None
+    rescale = has_rescale and bool(param(x, method, "rescale"))
+    trim_list: list[Trim | None] = list(trims) if trims is not None else [None] * n_exp
+    active = [i for i, t in enumerate(trim_list) if t is not None]
+
+    if not consensus and not active:
+        div = _divisor(sum(weights)) if normalize else 1.0
+        c = scale / div
+        return weighted_sum([base, *experts], [1.0 - c * sum(weights), *(c * w for w in weights)],
+                            x.out_dtype, wd)
+
+    n, block = base.numel(), block_size(device)
+    fb = base.reshape(-1)
+    fe = [e.reshape(-1) for e in experts]
+
+    # 1. selection passes (top-k thresholds over |τᵢ|)
+    while pend := {i: p for i in active if (p := trim_list[i].pending())}:  # type: ignore[union-attr]
+        for s, e in spans(n, block):
+            b = buffer("base", e - s, wd, device).copy_(fb[s:e])
+            mag = buffer("mag", e - s, wd, device)
+            for i, sels in pend.items():
+                torch.sub(fe[i][s:e], b, out=mag).abs_()
+                for sel in sels:
+                    sel.add(mag)
+        for sels in pend.values():
+            for sel in sels:
+                sel.next_pass()
+
+    # 2. rescale factors: L1 norm of τᵢ before / after trimming
+    factors = [1.0] * n_exp
+    if rescale and active:
+        before = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(n_exp)]
+        after = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(n_exp)]
+        for i in active:
+            trim_list[i].start()  # type: ignore[union-attr]
+        for s, e in spans(n, block):
+            b = buffer("base", e - s, wd, device).copy_(fb[s:e])
+            d = buffer("d0", e - s, wd, device)
+            for i in active:
+                torch.sub(fe[i][s:e], b, out=d)
+                before[i] += torch.linalg.vector_norm(d, 1, dtype=torch.float64)
+                trim_list[i].apply(d)  # type: ignore[union-attr]
+                after[i] += torch.linalg.vector_norm(d, 1, dtype=torch.float64)
+        for i in active:
+            bf, af = float(before[i]), float(after[i])
+            if bf >= RESCALE_EPS and af >= RESCALE_EPS:
+                factors[i] = bf / af
+
+    # 3. merge pass
+    for i in active:
+        trim_list[i].start()  # type: ignore[union-attr]
+    coeffs = [w * f for w, f in zip(weights, factors, strict=True)]
+    out = torch.empty(base.shape, dtype=x.out_dtype, device=device)
+    fo = out.view(-1)
+    if consensus:
+        _consensus_pass(fb, fe, fo, trim_list, weights, coeffs, scale, normalize, wd, block)
+    else:
+        div = _divisor(sum(weights)) if normalize else 1.0
+        for s, e in spans(n, block):
+            b = buffer("base", e - s, wd, device).copy_(fb[s:e])
+            d = buffer("d0", e - s, wd, device)
+            acc = buffer("acc", e - s, wd, device)
+            for i in range(n_exp):
+                torch.sub(fe[i][s:e], b, out=d)
+                if (t := trim_list[i]) is not None:
+                    t.apply(d)
+                if i == 0:
+                    torch.mul(d, coeffs[i], out=acc)
+                else:
+                    acc.add_(d, alpha=coeffs[i])
+            b.add_(acc, alpha=scale / div)
+            fo[s:e].copy_(b)
+    return out
+
+
+def _divisor(total: float) -> float:
+    return 1.0 if abs(total) < 1e-8 else total
+
+
+def _consensus_pass(fb: torch.Tensor, fe: list[torch.Tensor], fo: torch.Tensor,
+                    trims: list[Trim | None], weights: list[float], coeffs: list[float],
+                    scale: float, normalize: bool, wd: torch.dtype, block: int) -> None:
+    """TIES elect + disjoint merge, blockwise.
+
+    With sgn = ±1 the elected sign and cᵢ = wᵢ·(rescale factor): δᵢ·sgn > 0 exactly where δᵢ agrees,
+    so Σ agreeing δᵢ = sgn·Σ |cᵢ|·relu(τᵢ·sign(cᵢ)·sgn) (no per-expert select), and the divisor
+    adds wᵢ where τᵢ·sign(cᵢ)·sgn > 0.
+    """
+    device = fb.device
+    n_exp = len(fe)
+    for s, e in spans(fb.numel(), block):
+        L = e - s
+        b = buffer("base", L, wd, device).copy_(fb[s:e])
+        acc = buffer("acc", L, wd, device)
+        ds = []
+        for i in range(n_exp):
+            d = buffer(f"d{i}", L, wd, device)
+            torch.sub(fe[i][s:e], b, out=d)
+            if (t := trims[i]) is not None:
+                t.apply(d)
+            c = coeffs[i]
+            if c == 0.0:  # a zero δᵢ never agrees: it counts neither in the sum nor the divisor
+                continue
+            if c < 0:
+                d.neg_()
+            if not ds:
+                torch.mul(d, abs(c), out=acc)
+            else:
+                acc.add_(d, alpha=abs(c))
+            ds.append((d, abs(c), weights[i]))
+        if not ds:
+            fo[s:e].copy_(b)
+            continue
+        pos = buffer("pos", L, torch.bool, device)
+        torch.ge(acc, 0, out=pos)  # majority sign of Σ δᵢ; an exact 0 elects +
+        sgn = buffer("sgn", L, wd, device).copy_(pos).mul_(2).sub_(1)
+        if normalize:
+            div = buffer("div", L, wd, device).zero_()
+            agree = buffer("agree", L, torch.bool, device)
+        for j, (d, c, w) in enumerate(ds):
+            d.mul_(sgn)
+            if normalize:
+                torch.gt(d, 0, out=agree)
+                div.add_(agree, alpha=w)
+            d.clamp_min_(0)
+            if j == 0:
+                torch.mul(d, c, out=acc)
+            else:
+                acc.add_(d, alpha=c)
+        acc.mul_(sgn)
+        if normalize:
+            torch.eq(div, 0, out=pos)
+            div.masked_fill_(pos, 1.0)
+            acc.div_(div)
+        b.add_(acc, alpha=scale)
+        fo[s:e].copy_(b)

@@ -1,0 +1,72 @@
+"""The FastAPI app: `create_app()` (uvicorn: `uvicorn service.app:create_app --factory`).
+
+No torch on any request path: specs are validated with the torch-free merge_ops.spec/catalog.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service import errors, routes_calibration, routes_jobs
+from service.metrics import LatencyMiddleware, make_registry
+from service.schedules import routes as routes_schedules
+from service.settings import Settings, get_settings
+from service.store import Store
+
+
+def _celery_enqueue(settings: Settings) -> Callable[[str, str], None]:
+    from workers.app import enqueue, make_app  # celery and kombu only: no torch
+
+    celery_app = make_app(settings)
+    return lambda job_id, queue: enqueue(job_id, queue, celery_app)
+
+
+def create_app(settings: Settings | None = None, *,
+               enqueue: Callable[[str, str], None] | None = None) -> FastAPI:
+    """`enqueue` sends a job's wake-up (default: the Celery app)."""
+    settings = settings or get_settings()
+    logging.basicConfig(level=settings.log_level)
+    app = FastAPI(title="Alloy", version="0.1.0",
+                  description="Merge fine-tuned experts into one model and publish it. "
+                  "Authenticate with `Authorization: Bearer <token>`.")
+    store = Store(settings.database_url)
+    broker = redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
+    registry, latency = make_registry(store, broker)
+    app.state.settings, app.state.store, app.state.enqueue = settings, store, enqueue or _celery_enqueue(settings)
+    app.add_middleware(LatencyMiddleware, histogram=latency)
+    errors.install(app)
+    app.include_router(routes_jobs.router)
+    app.include_router(routes_calibration.router)
+    app.include_router(routes_schedules.router)
+
+    @app.get("/healthz", tags=["health"], summary="The process is up")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], summary="Database and broker reachable (else 503)",
+             responses={503: {"description": "a dependency is down"}})
+    def readyz() -> JSONResponse:
+        checks = {}
+        for name, probe in (("database", store.ping), ("broker", broker.ping)):
+            try:
+                probe()
+                checks[name] = "ok"
+            except Exception as e:
+                checks[name] = f"unreachable: {type(e).__name__}"
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)
+    async def metrics(request: Request) -> Response:
+        body = await run_in_threadpool(generate_latest, registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,346 @@
+"""Service commands: `alloy serve | worker | reaper | migrate | up | submit`.
+
+`alloy up` is the laptop setup: a redis-server child (unless ALLOY_REDIS_URL is set), migrations,
+then the API, one worker and the reaper as child processes, each in its own process group so that
+Ctrl-C stops exactly what it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the HTTP API (uvicorn)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    p.add_argument("--skip-migrate", action="store_true", help="do not upgrade the database first")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run a Celery worker")
+    p.add_argument("--queues", default="cpu", help="comma-separated: cpu, gpu (default: cpu)")
+    p.add_argument("--concurrency", type=int, default=1, help="jobs at once (GPU workers: always 1)")
+    p.add_argument("--name", default=None, help="Celery node name (default: alloy-<queues>@<host>)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("reaper", help="requeue jobs of dead workers, re-send lost messages, deliver webhooks")
+    p.set_defaults(func=cmd_reaper)
+
+    p = sub.add_parser("migrate", help="create or upgrade the job store's tables (Alembic)")
+    p.add_argument("--revision", default="head")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("up", help="Redis + API + worker + reaper on this machine; Ctrl-C stops all")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--worker-concurrency", type=int, default=1)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("submit", help="submit a spec to the API; --wait follows its progress")
+    p.add_argument("spec", type=Path)
+    p.add_argument("--wait", action="store_true", help="follow the event stream until the job ends")
+    p.add_argument("--api", default=None, help="API URL (default: $ALLOY_API_URL or http://127.0.0.1:8000)")
+    p.add_argument("--token", default=None, help="API token (default: $ALLOY_API_TOKEN or the `alloy up` token)")
+    p.add_argument("--idempotency-key", default=None)
+    p.set_defaults(func=cmd_submit)
+
+    from service.schedules.cli import register as register_schedules  # `schedules` and `scheduler`
+
+    register_schedules(sub)
+
+
+# -- long-running processes ------------------------------------------------------------------------
+def _settings():
+    from service.settings import get_settings
+
+    return get_settings()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from service.migrate import upgrade
+
+    upgrade(_settings().database_url, args.revision)
+    print(f"database at revision {args.revision}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    if not args.skip_migrate:
+        from service.migrate import upgrade
+
+        upgrade(_settings().database_url)
+    uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port,
+                workers=args.workers, log_level="warning", access_log=False)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    bad = [q for q in queues if q not in ("cpu", "gpu")]
+    if bad or not queues:
+        from merge_ops.errors import InputError
+
+        raise InputError(f"--queues: unknown queue(s) {bad}; use cpu, gpu or cpu,gpu")
+    from workers.app import app
+
+    argv = ["worker", "-Q", ",".join(queues), "-P", "prefork", "--prefetch-multiplier=1",
+            "--without-gossip", "--without-mingle", "-l", _settings().log_level,
+            "-n", args.name or f"alloy-{'-'.join(queues)}-{os.getpid()}@%h"]
+    if "gpu" in queues:
+        # one job per process on GPU workers: a fresh child per job releases the CUDA context
+        argv += ["-c", "1", "--max-tasks-per-child=1"]
+    else:
+        argv += ["-c", str(args.concurrency)]
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_reaper(args: argparse.Namespace) -> int:
+    import logging
+    import threading
+
+    from workers.reaper import run_forever
+
+    s = _settings()
+    logging.basicConfig(level=s.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    run_forever(s, stop)
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    out = log.open("ab")
+    return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_processes(procs: list[subprocess.Popen], grace: float = 15.0) -> None:
+    """SIGTERM each child's process group, then SIGKILL what is still there after `grace` seconds."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+
+
+def wait_http(url: str, timeout: float, procs: list[subprocess.Popen] = ()) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError("a child process exited during startup")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from service.migrate import upgrade
+
+    s = _settings()
+    data = s.data_dir.resolve()
+    logs = data / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    procs: list[subprocess.Popen] = []
+    if not os.environ.get("ALLOY_REDIS_URL"):
+        if shutil.which("redis-server") is None:
+            from merge_ops.errors import InputError
+
+            raise InputError("redis-server not found: install it (apt install redis-server) or set ALLOY_REDIS_URL")
+        port = free_port()
+        (data / "redis").mkdir(exist_ok=True)
+        procs.append(_spawn(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "yes", "--dir", str(data / "redis"),
+                             "--maxmemory-policy", "noeviction"], env, logs / "redis.log"))
+        env["ALLOY_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+    if not os.environ.get("ALLOY_TOKENS"):
+        token = _dev_token(data)
+        env["ALLOY_TOKENS"] = json.dumps([{"token": token, "tenant": "local",
+                                           "scopes": ["jobs:read", "jobs:write", "admin"]}])
+    env.setdefault("ALLOY_DATA_DIR", str(data))
+    upgrade(s.database_url)
+    cli = [sys.executable, "-m", "service.cli"]
+    try:
+        procs.append(_spawn(cli + ["serve", "--skip-migrate", "--host", args.host, "--port", str(args.port)],
+                            env, logs / "api.log"))
+        procs.append(_spawn(cli + ["worker", "--concurrency", str(args.worker_concurrency)], env,
+                            logs / "worker.log"))
+        procs.append(_spawn(cli + ["reaper"], env, logs / "reaper.log"))
+        procs.append(_spawn(cli + ["scheduler"], env, logs / "scheduler.log"))
+        wait_http(f"http://{args.host}:{args.port}/healthz", 60, procs)
+        print(f"Alloy is up: http://{args.host}:{args.port} (docs: /docs); logs in {logs}", flush=True)
+        if not os.environ.get("ALLOY_TOKENS"):
+            print(f"API token (tenant `local`) in {data / 'dev-token'}", flush=True)
+        print("Ctrl-C stops everything.", flush=True)
+        stopping = {"flag": False}
+        signal.signal(signal.SIGTERM, lambda *_: stopping.update(flag=True))
+        while not stopping["flag"]:
+            dead = [p for p in procs if p.poll() is not None]
+            if dead:
+                print(f"alloy up: a child exited ({dead[0].args[3:5]}, code {dead[0].returncode}); "
+                      f"stopping. See {logs}", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        print("stopping...", file=sys.stderr, flush=True)
+        stop_processes(list(reversed(procs)))
+
+
+def _dev_token(data: Path) -> str:
+    path = data / "dev-token"
+    if path.is_file():
+        return path.read_text().strip()
+    token = "alloy_" + secrets.token_urlsafe(24)
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return token
+
+
+# -- client ----------------------------------------------------------------------------------------
+def _client_config(args: argparse.Namespace) -> tuple[str, str]:
+    api = (args.api or os.environ.get("ALLOY_API_URL") or "http://127.0.0.1:8000").rstrip("/")
+    token = args.token or os.environ.get("ALLOY_API_TOKEN")
+    if not token:
+        path = _settings().data_dir / "dev-token"
+        if path.is_file():
+            token = path.read_text().strip()
+    if not token:
+        from merge_ops.errors import InputError
+
+        raise InputError("no API token: pass --token or set ALLOY_API_TOKEN")
+    return api, token
+
+
+def _api_error(r) -> str:
+    try:
+        return r.json()["error"]["message"]
+    except Exception:
+        return r.text[:500]
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import httpx
+
+    from merge_ops.errors import InputError
+    from merge_ops.spec import load_spec
+
+    api, token = _client_config(args)
+    spec = load_spec(args.spec)
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=api, headers=headers, timeout=30) as c:
+        body = spec.model_dump(mode="json", exclude_none=True)
+        if spec.calibration is not None:  # local JSONL files are uploaded and replaced by set ids
+            for task, src in list(body["calibration"]["tasks"].items()):
+                if Path(src).is_file():
+                    r = c.post("/v1/calibration-sets", params={"name": Path(src).name},
+                               content=Path(src).read_bytes(), headers={"content-type": "application/x-ndjson"})
+                    if r.status_code != 201:
+                        raise InputError(f"calibration {src}: {_api_error(r)}")
+                    body["calibration"]["tasks"][task] = r.json()["id"]
+        extra = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
+        r = c.post("/v1/jobs", json=body, headers=extra)
+        if r.status_code != 202:
+            raise InputError(f"the API refused the job ({r.status_code}): {_api_error(r)}")
+        job = r.json()
+        print(f"job {job['id']} {job['state']}", flush=True)
+        if not args.wait:
+            return 0
+        final = follow(c, job["id"])
+    print(f"job {final['id']} {final['state']}")
+    if final["state"] == "succeeded":
+        pub = (final.get("result") or {}).get("published")
+        if pub:
+            print("published: " + ", ".join(f"{k}={v}" for k, v in pub.items() if v is not None))
+        return 0
+    if final.get("error"):
+        print(f"{final['error']['code']}: {final['error']['message']}", file=sys.stderr)
+    return 1
+
+
+def follow(c, job_id: str) -> dict[str, Any]:
+    """Follow /events with a progress bar (one bar per stage), resuming after disconnects."""
+    import httpx
+    from tqdm import tqdm
+
+    last, bar, stage = 0, None, None
+    try:
+        while True:
+            try:
+                with c.stream("GET", f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": str(last)},
+                              timeout=httpx.Timeout(30, read=60)) as r:
+                    ev: dict[str, str] = {}
+                    for line in r.iter_lines():
+                        if line.startswith(":"):
+                            continue
+                        if line:
+                            k, _, v = line.partition(":")
+                            ev[k] = v.lstrip(" ")
+                            continue
+                        if "id" in ev:
+                            last = int(ev["id"])
+                            data = json.loads(ev.get("data", "{}"))
+                            kind = ev.get("event")
+                            if kind in ("stage", "progress") and data.get("stage") != stage:
+                                if bar is not None:
+                                    bar.close()
+                                stage = data["stage"]
+                                bar = tqdm(desc=stage, total=None, unit="step", leave=True)
+                            if kind == "progress" and bar is not None:
+                                if data.get("total") and bar.total != data["total"]:
+                                    bar.total = data["total"]
+                                bar.n = data.get("step") or 0
+                                if data.get("loss") is not None:
+                                    bar.set_postfix(loss=f"{data['loss']:.4g}", refresh=False)
+                                bar.refresh()
+                            if kind == "state":
+                                tqdm.write(f"state: {data['state']}")
+                        ev = {}
+                job = c.get(f"/v1/jobs/{job_id}").json()
+                if job["state"] in ("succeeded", "failed", "cancelled"):
+                    return job
+            except httpx.TransportError:
+                time.sleep(1)  # API restarting: resume from the last event id
+    finally:
+        if bar is not None:
+            bar.close()

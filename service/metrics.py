@@ -1,0 +1,79 @@
+"""Prometheus metrics: HTTP latency (measured here), jobs by state and job duration by method (read
+from the store at scrape time, so every API replica reports the same truth), queue depth (Redis)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.store import Store
+
+DURATION_BUCKETS = [1, 5, 15, 60, 300, 900, 3600, 4 * 3600]
+STATES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
+
+
+def queue_depth(redis_client, queue: str) -> int:
+    """kombu's Redis transport keeps one list per queue and priority step ("cpu", "cpu\\x06\\x163", ...)."""
+    return sum(int(redis_client.llen(name)) for name in
+               [queue] + [f"{queue}\x06\x16{p}" for p in range(1, 10)])
+
+
+class StoreCollector:
+    def __init__(self, store: Store, redis_client, queues: tuple[str, ...] = ("cpu", "gpu")):
+        self.store, self.redis, self.queues = store, redis_client, queues
+
+    def collect(self):
+        states = GaugeMetricFamily("alloy_jobs", "jobs by state", labels=["state"])
+        counts = self.store.count_by_state()
+        for s in STATES:
+            states.add_metric([s], counts.get(s, 0))
+        yield states
+        h = HistogramMetricFamily("alloy_job_duration_seconds", "run time of succeeded jobs",
+                                  labels=["method"])
+        for method, cum, count, total in self.store.duration_buckets(DURATION_BUCKETS):
+            buckets = [(str(b), c) for b, c in zip(DURATION_BUCKETS, cum, strict=True)] + [("+Inf", count)]
+            h.add_metric([method], buckets, total)
+        yield h
+        depth = GaugeMetricFamily("alloy_queue_depth", "messages waiting in the broker", labels=["queue"])
+        try:
+            for q in self.queues:
+                depth.add_metric([q], queue_depth(self.redis, q))
+        except Exception:  # broker down: report what we can (readyz says why)
+            pass
+        yield depth
+
+
+class LatencyMiddleware:
+    """Pure ASGI (no buffering, so SSE streams pass through); labels use the route template."""
+
+    def __init__(self, app: ASGIApp, histogram: Histogram):
+        self.app, self.hist = app, histogram
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = {"code": 500}
+
+        async def _send(msg) -> None:
+            if msg["type"] == "http.response.start":
+                status["code"] = msg["status"]
+                route = scope.get("route")
+                self.hist.labels(scope["method"], getattr(route, "path", "unmatched"),
+                                 str(status["code"])).observe(time.perf_counter() - t0)
+            await send(msg)
+
+        await self.app(scope, receive, _send)
+
+
+def make_registry(store: Store, redis_client) -> tuple[CollectorRegistry, Histogram]:
+    reg = CollectorRegistry()
+    hist = Histogram("alloy_http_request_duration_seconds", "time to response headers",
+                     ["method", "route", "status"], registry=reg,
+                     buckets=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5])
+    reg.register(StoreCollector(store, redis_client))
+    return reg, hist

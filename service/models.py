@@ -1,0 +1,143 @@
+"""The job store's tables. The `jobs` table is the source of truth; Redis only carries wake-ups.
+
+Alembic migrations in service/migrations/ create exactly these (a test compares them).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite has no BIGINT autoincrement; PostgreSQL gets a bigserial.
+SeqInt = BigInteger().with_variant(Integer(), "sqlite")
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+ACTIVE = ("running", "cancelling")
+
+
+class UTCDateTime(TypeDecorator):
+    """Stored as naive UTC (portable across SQLite and PostgreSQL), returned tz-aware."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: UTCDateTime}
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idem"),
+        Index("ix_jobs_tenant_seq", "tenant", "seq"),
+        Index("ix_jobs_state_lease", "state", "lease_until"),
+        Index("ix_jobs_webhook_due", "webhook_state", "webhook_next_at"),
+    )
+
+    seq: Mapped[int] = mapped_column(SeqInt, primary_key=True, autoincrement=True)  # list order, cursors
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    stage: Mapped[str | None] = mapped_column(String(16))
+    method: Mapped[str] = mapped_column(String(64))
+    queue: Mapped[str] = mapped_column(String(16))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    spec_hash: Mapped[str] = mapped_column(String(64))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    # unique key for submitters that must create one job per event (schedules: schedule id + due time)
+    unique_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    source: Mapped[str] = mapped_column(String(16), default="http")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    progress_step: Mapped[int | None] = mapped_column(Integer)
+    progress_total: Mapped[int | None] = mapped_column(Integer)
+    progress_loss: Mapped[float | None] = mapped_column(Float)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # webhook outbox: pending -> delivered | failed; the reaper loop delivers due ones
+    webhook_state: Mapped[str | None] = mapped_column(String(16))
+    webhook_next_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class JobEvent(Base):
+    """State changes and (throttled) progress, written with the transition: the SSE stream replays these."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job_id", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(SeqInt, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(40), ForeignKey("jobs.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(16))  # state | stage | progress
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
+
+
+class WebhookDelivery(Base):
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_job_id", "job_id"),)
+
+    id: Mapped[int] = mapped_column(SeqInt, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(40), ForeignKey("jobs.id", ondelete="CASCADE"))
+    webhook_id: Mapped[str] = mapped_column(String(80))  # stable across retries (receiver dedupe)
+    attempt: Mapped[int] = mapped_column(Integer)
+    url: Mapped[str] = mapped_column(Text)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
+
+
+class CalibrationSet(Base):
+    __tablename__ = "calibration_sets"
+    __table_args__ = (Index("ix_calibration_sets_tenant_seq", "tenant", "seq"),)
+
+    seq: Mapped[int] = mapped_column(SeqInt, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str | None] = mapped_column(String(200))
+    path: Mapped[str] = mapped_column(Text)  # server-side file; never shown to clients
+    size: Mapped[int] = mapped_column(BigInteger)
+    lines: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)

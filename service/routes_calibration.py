@@ -1,0 +1,117 @@
+"""/v1/calibration-sets: upload unlabelled JSONL once, reference it by id from job specs.
+
+Each line is a JSON object with `text` (a non-empty string) or `input_ids` (a list of integers);
+blank lines are skipped. The body is streamed to disk and refused with 413 past the size limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+
+from service.auth import Reader, Writer
+from service.errors import ApiError
+from service.models import CalibrationSet
+from service.routes_jobs import ERRORS
+from service.schemas import CalibrationSetList, CalibrationSetOut, calibration_out
+from service.store import new_id
+
+router = APIRouter(prefix="/v1/calibration-sets", tags=["calibration sets"])
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {
+    "application/x-ndjson": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+def validate_jsonl(path: Path) -> int:
+    """Count the samples; ApiError(422) naming the first bad line."""
+    n = 0
+    with path.open("rb") as f:
+        for i, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ApiError(422, "invalid_calibration", f"line {i}: not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise ApiError(422, "invalid_calibration", f"line {i}: expected a JSON object")
+            text, ids = row.get("text"), row.get("input_ids")
+            if text is not None:
+                if not isinstance(text, str) or not text.strip():
+                    raise ApiError(422, "invalid_calibration", f"line {i}: `text` must be a non-empty string")
+            elif ids is not None:
+                if not isinstance(ids, list) or not ids or not all(
+                        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+                    raise ApiError(422, "invalid_calibration",
+                                   f"line {i}: `input_ids` must be a non-empty list of non-negative integers")
+            else:
+                raise ApiError(422, "invalid_calibration", f"line {i}: needs a `text` or `input_ids` field")
+            n += 1
+    if n == 0:
+        raise ApiError(422, "invalid_calibration", "the calibration set is empty: send one JSON object per line")
+    return n
+
+
+@router.post("", status_code=201, response_model=CalibrationSetOut, openapi_extra=UPLOAD_BODY,
+             responses={**ERRORS, 413: ERRORS[422]}, summary="Upload a calibration set (JSONL body)")
+async def upload(request: Request, response: Response, p: Writer,
+                 name: Annotated[str | None, Query(max_length=200)] = None) -> CalibrationSetOut:
+    settings, store = request.app.state.settings, request.app.state.store
+    limit = settings.max_upload_bytes
+    too_big = ApiError(413, "too_large", f"calibration sets are limited to {limit} bytes; split or sample it")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    set_id = new_id("cal")
+    folder = settings.data_dir / "calibration" / p.tenant
+    folder.mkdir(parents=True, exist_ok=True)
+    path, size, digest = folder / f"{set_id}.jsonl", 0, hashlib.sha256()
+    try:
+        with path.open("wb") as f:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_big
+                digest.update(chunk)
+                f.write(chunk)
+        lines = await run_in_threadpool(validate_jsonl, path)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    cs = CalibrationSet(id=set_id, tenant=p.tenant, name=name, path=str(path), size=size, lines=lines,
+                        sha256=digest.hexdigest())
+    await run_in_threadpool(store.add_calibration_set, cs)
+    response.headers["Location"] = f"/v1/calibration-sets/{set_id}"
+    return calibration_out(cs)
+
+
+@router.get("", response_model=CalibrationSetList, responses=ERRORS, summary="List calibration sets")
+def list_sets(request: Request, p: Reader,
+              after: Annotated[str | None, Query(max_length=64)] = None,
+              limit: Annotated[int, Query(ge=1, le=100)] = 20) -> CalibrationSetList:
+    rows, more = request.app.state.store.list_calibration_sets(p.tenant_filter, after=after, limit=limit)
+    return CalibrationSetList(data=[calibration_out(c) for c in rows], has_more=more,
+                              last_id=rows[-1].id if rows else None)
+
+
+@router.get("/{set_id}", response_model=CalibrationSetOut, responses=ERRORS, summary="Get a calibration set")
+def get_set(set_id: str, request: Request, p: Reader) -> CalibrationSetOut:
+    cs = request.app.state.store.get_calibration_set(set_id, p.tenant_filter)
+    if cs is None:
+        raise ApiError(404, "not_found", f"no calibration set {set_id!r}")
+    return calibration_out(cs)
+
+
+@router.delete("/{set_id}", status_code=204, responses=ERRORS, summary="Delete a calibration set")
+def delete_set(set_id: str, request: Request, p: Writer) -> Response:
+    cs = request.app.state.store.delete_calibration_set(set_id, p.tenant_filter)
+    if cs is None:
+        raise ApiError(404, "not_found", f"no calibration set {set_id!r}")
+    if os.path.exists(cs.path):
+        os.unlink(cs.path)
+    return Response(status_code=204)

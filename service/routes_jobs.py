@@ -1,0 +1,178 @@
+"""/v1/jobs: submit, read, list, cancel, events (SSE), coefficients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, StreamingResponse
+
+from merge_ops.refs import parse_model_ref
+from merge_ops.spec import MergeSpec
+from service.auth import Principal, Reader, Writer
+from service.errors import ApiError
+from service.models import TERMINAL, Job
+from service.schemas import JobList, JobOut, JobState, Problem, job_out
+from service.settings import Settings
+from service.store import IdempotencyConflict, NotCancellable, Store
+from service.webhooks import url_problem
+
+log = logging.getLogger("alloy.api")
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem} for code in (401, 403, 404, 409, 422)}
+
+
+def _store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _job_or_404(request: Request, job_id: str, p: Principal) -> Job:
+    job = _store(request).get_job(job_id, p.tenant_filter)
+    if job is None:
+        raise ApiError(404, "not_found", f"no job {job_id!r}")
+    return job
+
+
+def check_service_rules(spec: MergeSpec, tenant: str, store: Store, settings: Settings) -> None:
+    """What a spec may ask of the service beyond its own validation (422 otherwise)."""
+    refs = ([spec.base] if spec.base else []) + [e.model for e in spec.experts]
+    for ref in refs:
+        r = parse_model_ref(ref)
+        if r.local_path is not None:
+            p = Path(r.local_path.removeprefix("file://")).expanduser()
+            if not p.is_absolute() or not any(p.resolve().is_relative_to(root) for root in settings.roots):
+                raise ApiError(422, "invalid_spec", f"{ref!r}: local model folders must be absolute paths "
+                               "under the server's allowed roots (ALLOY_ALLOWED_ROOTS); or use a hub id")
+    if spec.calibration is not None:
+        for task, set_id in spec.calibration.tasks.items():
+            if store.get_calibration_set(set_id, tenant) is None:
+                raise ApiError(422, "invalid_spec", f"calibration.tasks.{task}: no calibration set "
+                               f"{set_id!r}; upload one with POST /v1/calibration-sets and use its id")
+    if spec.notify is not None:
+        why = url_problem(spec.notify.url, settings.webhook_allow)
+        if why:
+            raise ApiError(422, "invalid_spec", why)
+    if spec.publish is not None and spec.publish.hub == "hf" and tenant not in settings.hub_tokens:
+        raise ApiError(422, "invalid_spec", "publish.hub is `hf` but no hub token is configured for "
+                       "this tenant (ask the operator to set ALLOY_HUB_TOKENS)")
+
+
+@router.post("", status_code=202, response_model=JobOut, responses=ERRORS,
+             summary="Submit a merge job (body: a MergeSpec)")
+def submit(spec: MergeSpec, request: Request, response: Response, p: Writer,
+           idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
+    """Validate fully, record the job as `queued`, and wake a worker. Returns 202 and `Location`."""
+    store, settings = _store(request), _settings(request)
+    check_service_rules(spec, p.tenant, store, settings)
+    queue = settings.queue_for(spec.method_def().queue)
+    try:
+        job, created = store.create_job(tenant=p.tenant, spec=spec.model_dump(mode="json"),
+                                        method=spec.method, queue=queue, idempotency_key=idempotency_key,
+                                        max_attempts=settings.max_attempts)
+    except IdempotencyConflict as e:
+        raise ApiError(409, "idempotency_conflict", f"Idempotency-Key was already used for job {e} with a "
+                       "different body: use a new key for a different job") from None
+    if created:
+        try:
+            request.app.state.enqueue(job.id, queue)
+        except Exception:  # the job is recorded; the reaper sends its message when the broker is back
+            log.warning("job %s: broker unavailable, left for the reaper", job.id, exc_info=True)
+            store.mark_enqueued(job.id, sent=False)
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_out(job)
+
+
+@router.get("", response_model=JobList, responses=ERRORS, summary="List jobs, newest first")
+def list_jobs(request: Request, p: Reader, state: JobState | None = None,
+              after: Annotated[str | None, Query(max_length=64, description="last id of the previous page")] = None,
+              limit: Annotated[int, Query(ge=1, le=100)] = 20) -> JobList:
+    rows, more = _store(request).list_jobs(p.tenant_filter, state=state, after=after, limit=limit)
+    return JobList(data=[job_out(j) for j in rows], has_more=more, last_id=rows[-1].id if rows else None)
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=ERRORS, summary="Get a job")
+def get_job(job_id: str, request: Request, p: Reader) -> JobOut:
+    job = _job_or_404(request, job_id, p)
+    return job_out(job, _store(request).deliveries(job.id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, responses=ERRORS, summary="Cancel a job")
+def cancel(job_id: str, request: Request, p: Writer) -> JobOut:
+    """Idempotent. A running job becomes `cancelling` until its worker stops it; a finished one is 409."""
+    try:
+        job = _store(request).request_cancel(job_id, p.tenant_filter)
+    except NotCancellable as e:
+        raise ApiError(409, "not_cancellable", f"job {job_id} already {e}; nothing to cancel") from None
+    if job is None:
+        raise ApiError(404, "not_found", f"no job {job_id!r}")
+    return job_out(job)
+
+
+@router.get("/{job_id}/events", responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},
+            response_class=StreamingResponse, summary="Server-Sent Events of state changes and progress")
+async def events(job_id: str, request: Request, p: Reader,
+                 last_event_id: Annotated[str | None, Header()] = None,
+                 after: Annotated[int | None, Query(ge=0, description="resume after this event id")] = None):
+    """Each event: `id` (resume with `Last-Event-ID`), `event` (state | stage | progress), JSON `data`.
+    The stream ends after the job's terminal state."""
+    store, settings = _store(request), _settings(request)
+    await run_in_threadpool(_job_or_404, request, job_id, p)
+    cursor = after if after is not None else int(last_event_id) if (last_event_id or "").isdigit() else 0
+
+    async def stream():
+        nonlocal cursor
+        idle = 0.0
+        while True:
+            rows = await run_in_threadpool(store.events_after, job_id, cursor)
+            for ev in rows:
+                cursor = ev.id
+                yield f"id: {ev.id}\nevent: {ev.type}\ndata: {json.dumps(ev.data)}\n\n"
+                if ev.type == "state" and ev.data.get("state") in TERMINAL:
+                    return
+            if not rows:
+                job = await run_in_threadpool(store.get_job, job_id)
+                if job is None or job.state in TERMINAL:
+                    return
+                if await request.is_disconnected():
+                    return
+                idle += settings.sse_poll_seconds
+                if idle >= 15:
+                    idle = 0.0
+                    yield ": keep-alive\n\n"
+                await asyncio.sleep(settings.sse_poll_seconds)
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _artifact(request: Request, job_id: str, p: Principal, name: str) -> Path:
+    job = _job_or_404(request, job_id, p)
+    fname = ((job.result or {}).get("artifacts") or {}).get(name)
+    path = _settings(request).data_dir / "jobs" / job.id / fname if fname else None
+    if path is None or not path.is_file():
+        raise ApiError(404, "not_found", f"job {job_id} has no learned coefficients (only learned "
+                       "methods produce them, once the job has succeeded)")
+    return path
+
+
+@router.get("/{job_id}/coefficients", responses=ERRORS, summary="Learned coefficients (JSON)")
+def coefficients(job_id: str, request: Request, p: Reader) -> FileResponse:
+    return FileResponse(_artifact(request, job_id, p, "coefficients"), media_type="application/json")
+
+
+@router.get("/{job_id}/coefficients.png", responses={**ERRORS, 200: {"content": {"image/png": {}}}},
+            response_class=FileResponse, summary="Learned coefficients as a heatmap")
+def coefficients_png(job_id: str, request: Request, p: Reader) -> FileResponse:
+    return FileResponse(_artifact(request, job_id, p, "coefficients_png"), media_type="image/png")

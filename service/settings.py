@@ -1,0 +1,104 @@
+"""Service configuration: one pydantic Settings object, read from `ALLOY_*` environment variables.
+
+Secrets (API tokens, hub tokens, the webhook secret) are held as hashes or SecretStr so that they do
+not show up in reprs, logs or error messages. API tokens are configured as
+`ALLOY_TOKENS='[{"token": "...", "tenant": "acme", "scopes": ["jobs:read", "jobs:write"]}]'` (or with
+`"sha256": "<hex>"` instead of the plain token); plain tokens are hashed when the settings load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Scope = Literal["jobs:read", "jobs:write", "admin"]
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class TokenEntry(BaseModel):
+    """One API token: only its SHA-256 is kept."""
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    tenant: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    scopes: list[Scope]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hash_plain(cls, data):
+        if isinstance(data, dict) and "token" in data:
+            data = dict(data)
+            data["sha256"] = hash_token(str(data.pop("token")))
+        return data
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALLOY_", env_ignore_empty=True, extra="ignore")
+
+    database_url: str = Field("", description="SQLAlchemy URL of the job store, SQLite or PostgreSQL "
+                              "(default: sqlite:///DATA_DIR/alloy.db)")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker")
+    data_dir: Path = Field(Path("alloy-data"), description="job outputs, calibration sets, local hub")
+    hub_dir: Path | None = Field(None, description="root of the local hub (default: DATA_DIR/hub)")
+    hub_endpoint: str | None = Field(None, description="Hugging Face Hub endpoint for `hub: hf` targets")
+    hub_tokens: dict[str, SecretStr] = Field(default_factory=dict,
+                                             description="tenant -> hub token used when publishing")
+    tokens: list[TokenEntry] = Field(default_factory=list, description="API tokens (see module doc)")
+    allowed_roots: list[Path] | None = Field(
+        None, description="local folders jobs may read models from (default: the working directory)")
+    gpu_workers: bool = Field(False, description="route learned/OT jobs to the `gpu` queue")
+    max_attempts: int = Field(3, ge=1, description="a job whose worker dies this many times fails")
+    lease_seconds: float = Field(60.0, gt=0, description="a claim expires if not renewed for this long")
+    heartbeat_seconds: float = Field(10.0, gt=0, description="how often a running job renews its lease")
+    reaper_interval: float = Field(2.0, gt=0, description="seconds between reaper sweeps")
+    requeue_after: float = Field(300.0, gt=0,
+                                 description="re-send the message of a job queued this long unclaimed")
+    progress_interval: float = Field(0.5, gt=0, description="min seconds between progress writes per job")
+    max_upload_bytes: int = Field(64 * 1024 * 1024, gt=0, description="calibration-set size limit")
+    webhook_secret: SecretStr = Field(SecretStr("change-me"), description="HMAC key for webhook signatures")
+    webhook_allow: list[str] = Field(default_factory=list,
+                                     description="allowed webhook hosts (empty: any host)")
+    webhook_max_attempts: int = Field(5, ge=1)
+    webhook_timeout: float = Field(5.0, gt=0)
+    visibility_timeout: int = Field(3600, gt=0, description="Redis redelivery of reserved, unstarted messages")
+    sse_poll_seconds: float = Field(0.3, gt=0)
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _default_db(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir.resolve() / 'alloy.db'}"
+        return self
+
+    @property
+    def hub_root(self) -> Path:
+        return self.hub_dir or self.data_dir / "hub"
+
+    @property
+    def roots(self) -> list[Path]:
+        return [p.resolve() for p in (self.allowed_roots or [Path.cwd()])]
+
+    def queue_for(self, method_queue: str) -> str:
+        return method_queue if self.gpu_workers else "cpu"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests and `alloy up` change the environment)."""
+    get_settings.cache_clear()
+
+
+def worker_name() -> str:
+    return f"{os.uname().nodename}:{os.getpid()}"

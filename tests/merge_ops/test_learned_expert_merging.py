@@ -1,0 +1,292 @@
+"""Expert Merging / Expert Merging++: loss vs a float64 hand computation, chunk allocation, teacher
+release, and run() end to end on a tiny BERT with heads and a tiny Llama."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from merge_ops.job import JobContext, ResolvedModel
+from merge_ops.learned import chunking, expert_merging, teacher_cache
+from merge_ops.learned.adapters import build_adapter
+from merge_ops.learned.calibration import collate
+from merge_ops.learned.coefficients import Coefficients
+from merge_ops.learned.engine import MergeEngine, load_merge_inputs
+from merge_ops.learned.groups import ParamGroups
+from merge_ops.learned.teacher_cache import IndexSampler, build_teacher_cache
+from merge_ops.runner import run_merge
+from merge_ops.spec import spec_from_dict
+from merge_ops.toy_models import make_experts, write_llama
+from tests.merge_ops.test_learned_engine import BERT, write_bert_family
+
+EXCLUDE = "(?i)(norm|embed|bias|lm_head)"
+
+
+def _calib(root: Path, tasks: list[str], vocab: int, n: int = 12) -> dict[str, Path]:
+    out = {}
+    for i, t in enumerate(tasks):
+        p = root / f"{t}.jsonl"
+        rows = [{"input_ids": [(5 * j + i * 11 + m) % (vocab - 1) + 1 for m in range(2 + j % 6)]}
+                for j in range(n)]
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        out[t] = p
+    return out
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("em_bert")
+    base, experts = write_bert_family(root)
+    return base, experts, _calib(root, list(experts), BERT["vocab_size"])
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("em_llama")
+    base = write_llama(root / "base", hidden=32, layers=2, intermediate=64, vocab=64, heads=4,
+                       dtype=torch.float32)
+    experts = dict(zip(["x", "y"], make_experts(base, 2, root, scale=0.02, dtype=torch.float32), strict=True))
+    return base, experts, _calib(root, list(experts), 64)
+
+
+def _spec(base: Path, experts: dict[str, Path], cal: dict[str, Path], heads: bool, **params):
+    return spec_from_dict({
+        "method": "expert_merging", "base": str(base),
+        "experts": [{"model": str(p), "name": n} for n, p in experts.items()],
+        "parameters": {"steps": 3, "batch_size": 4, **params},
+        "task_specific": [r"^classifier\."] if heads else [],
+        "calibration": {"tasks": {n: str(p) for n, p in cal.items()}}, "seed": 3,
+    })
+
+
+def _ctx(out: Path, base: Path, experts: dict[str, Path], cal: dict[str, Path], heads: bool, **params):
+    return JobContext(spec=_spec(base, experts, cal, heads, **params), base=ResolvedModel(str(base), base),
+                      experts=[ResolvedModel(str(p), p) for p in experts.values()], out_dir=out,
+                      calibration=cal)
+
+
+# -- the loss ----------------------------------------------------------------------------------------
+def test_loss_equals_float64_hand_computation(bert, monkeypatch):
+    """Soft CE ×T², hidden MSE, β per task, mean over tasks, γ·mean|α − α₀| — written out by hand."""
+    from transformers import BertConfig, BertModel
+
+    monkeypatch.setattr(teacher_cache, "CACHE_DTYPE", torch.float64)  # exact targets for the check
+    base, experts, cal = bert
+    tasks = list(experts)
+    adapter = build_adapter(base, torch.float64)
+    inputs = load_merge_inputs(base, list(experts.values()), tasks, task_specific=[r"^classifier\."],
+                               dtype=torch.float64, only=lambda n: adapter.used(n) and "LayerNorm" not in n
+                               and "bias" not in n and "embeddings" not in n)
+    adapter.bind(inputs.base)
+    samples = {t: [json.loads(x)["input_ids"] for x in cal[t].read_text().splitlines()] for t in tasks}
+    layers, T, hw, gamma, beta, a0 = [1], 2.0, 0.7, 3.0, [1.0, 0.5, 2.0], [0.1, 0.2, 0.3]
+    cache = build_teacher_cache(adapter, experts, inputs.heads, samples, layers, base=inputs.base,
+                                batch_size=5, dtype=torch.float64)
+    engine = MergeEngine(inputs, ParamGroups(inputs.merged_shapes(), "layer"), init=a0,
+                         parameterisation="sigmoid")
+    with torch.no_grad():
+        engine.raw.add_(torch.randn(engine.raw.shape, generator=torch.Generator().manual_seed(5)))
+    obj = expert_merging.Objective(engine, adapter, cache, IndexSampler(dict.fromkeys(tasks, 12), 4, seed=9),
+                                   alpha0=torch.tensor(a0, dtype=torch.float64), beta=beta, temperature=T, hidden_weight=hw,
+                                   gamma=gamma)
+    loss = obj(0)
+    got = float(loss.detach())
+    loss.backward()
+    grad = engine.raw.grad.clone()
+    # the per-task backward inside Objective gives the gradient of the plain joint loss
+    engine.raw.grad = None
+    joint_sampler = IndexSampler(dict.fromkeys(tasks, 12), 4, seed=9)
+    params = engine.merged_params()
+    joint = expert_merging.regulariser(engine.coefficients(), torch.tensor(a0, dtype=torch.float64)) * gamma
+    for k, t in enumerate(tasks):
+        batch, tgt = cache.batch(t, joint_sampler.next(t))
+        out = adapter.forward(params, inputs.heads[t], batch, hidden=True)
+        lg, hd = expert_merging.alignment_loss(out, batch, tgt, layers=layers, temperature=T, hidden_weight=hw)
+        joint = joint + beta[k] * (lg + hd) / 3
+    joint.backward()
+    torch.testing.assert_close(grad, engine.raw.grad, rtol=1e-6, atol=1e-9)
+    assert float(joint) == pytest.approx(got, rel=1e-12)
+
+    # reference: merged weights from the files, HF BertModel in float64, formulas written out
+    replay = IndexSampler(dict.fromkeys(tasks, 12), 4, seed=9)
+    alpha = engine.coefficients().detach().double()
+    rows = engine.groups.slots
+    b = load_file(str(base / "model.safetensors"))
+    es = {t: load_file(str(p / "model.safetensors")) for t, p in experts.items()}
+
+    def bert_out(sd, batch):
+        m = BertModel(BertConfig(**BERT)).double().eval()
+        m.load_state_dict({n: v.double() for n, v in sd.items() if n in m.state_dict()}, strict=False)
+        with torch.no_grad():
+            o = m(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+        mask = batch.attention_mask.unsqueeze(-1).double()
+        pooled = (o.last_hidden_state * mask).sum(1) / mask.sum(1)
+        return pooled, o.hidden_states[1][batch.attention_mask.bool()]
+
+    merged = {n: b[n].double() + (sum(alpha[rows[n].row, k] * (es[t][n].double() - b[n].double())
+                                      for k, t in enumerate(tasks)) if n in rows else 0.0) for n in b}
+    align = 0.0
+    for k, t in enumerate(tasks):
+        batch = collate([samples[t][i] for i in replay.next(t)])
+        w, bias = es[t]["classifier.weight"].double(), es[t]["classifier.bias"].double()
+        ps, hs = bert_out(merged, batch)
+        pt, ht = bert_out(es[t], batch)
+        zs, zt = ps @ w.T + bias, pt @ w.T + bias
+        p = torch.exp(zt / T) / torch.exp(zt / T).sum(-1, keepdim=True)
+        logq = zs / T - torch.log(torch.exp(zs / T).sum(-1, keepdim=True))
+        ce = T * T * (-(p * logq).sum(-1)).mean()
+        mse = ((hs - ht) ** 2).sum() / hs.numel()
+        align += beta[k] * (float(ce) + hw * float(mse))
+    reg = float(sum(abs(alpha[r, k] - a0[k]) for r in range(alpha.shape[0]) for k in range(3))) / alpha.numel()
+    want = align / 3 + gamma * reg
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert obj.last["reg"] == pytest.approx(reg, rel=1e-9) and obj.last["hidden"] > 0
+
+
+def test_causal_lm_alignment_is_token_level_over_real_tokens(llama):
+    """With the merged weights equal to expert k's, hidden MSE is 0 and the soft CE is the teacher's
+    entropy: teacher rows line up with the student's real tokens despite padding."""
+    base, experts, cal = llama
+    tasks = list(experts)
+    adapter = build_adapter(base, torch.float32)
+    inputs = load_merge_inputs(base, list(experts.values()), tasks, only=adapter.used)
+    adapter.bind(inputs.base)
+    samples = {t: [json.loads(x)["input_ids"] for x in cal[t].read_text().splitlines()] for t in tasks}
+    cache = build_teacher_cache(adapter, experts, {}, samples, [1], base=inputs.base, batch_size=3,
+                                dtype=torch.float32)
+    n_real = sum(len(x) for x in samples["x"])
+    assert sum(t.shape[0] for t in cache.tasks["x"].logits) == n_real
+    engine = MergeEngine(inputs, ParamGroups(inputs.merged_shapes(), "task"), init=[1.0, 0.0],
+                         parameterisation="none")
+    idx = [0, 5, 7, 2]  # lengths 2, 3, 3, 4: right padding inside the batch
+    batch, tgt = cache.batch("x", idx)
+    out = adapter.forward(engine.merged_params(), {}, batch, hidden=True)
+    lg, hd = expert_merging.alignment_loss(out, batch, tgt, layers=[1], temperature=1.0, hidden_weight=1.0)
+    p = tgt.logits.float().softmax(-1)
+    entropy = -(p * p.log()).sum(-1).mean()
+    assert float(hd.detach()) < 1e-6
+    assert float(lg) == pytest.approx(float(entropy), abs=2e-3)
+
+
+# -- importance and chunks ---------------------------------------------------------------------------
+def test_importance_matches_formula():
+    alpha = {"a": [0.5, -0.2], "b": [0.1, 0.1]}
+    s = {"a": [0.01, 0.03], "b": [0.2, 0.0]}
+    n = {"a": 100, "b": 10}
+    raw = {"a": (0.5 * 0.01 + 0.2 * 0.03) * 100, "b": (0.1 * 0.2) * 10}
+    imp = chunking.importance(alpha, s, n)
+    assert imp == pytest.approx({k: v / sum(raw.values()) for k, v in raw.items()})
+
+
+def test_allocator_respects_budget_and_orders_by_importance():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        L = 3 + trial % 17
+        imp_t = torch.rand(L, generator=g) ** 3
+        imp = {f"t{i}": float(v) for i, v in enumerate(imp_t / imp_t.sum())}
+        numel = dict.fromkeys(imp, 10000)
+        budget = int(1 + trial * 3)
+        for kappa in (0.0, 0.5, 1.0, 2.0):
+            plan = chunking.allocate_chunks(imp, budget, kappa, numel)
+            assert sum(plan.values()) <= budget
+            order = sorted(imp, key=imp.get)
+            assert [plan[x] for x in order] == sorted(plan[x] for x in order)  # monotone in I
+            want = {x: math.floor(budget * imp[x] ** kappa / sum(v ** kappa for v in imp.values()) + 1e-9)
+                    for x in imp}
+            assert plan == want
+    uniform = chunking.allocate_chunks({"a": 0.9, "b": 0.1, "c": 0.0}, 6, 0.0, {"a": 9, "b": 9, "c": 9})
+    assert uniform == {"a": 2, "b": 2, "c": 2}
+    sharp = chunking.allocate_chunks({"a": 0.6, "b": 0.4}, 10, 4.0, {"a": 99, "b": 99})
+    assert sharp["a"] > 6 and sharp["b"] < 4
+
+
+def test_plan_yields_exactly_the_planned_chunks_where_torch_chunk_does_not():
+    assert len(torch.chunk(torch.arange(5), 4)) == 3  # the authors' torch.chunk drops a coefficient
+    numel = {"w": 5, "v": 7, "u": 3}
+    plan = chunking.allocate_chunks({"w": 0.5, "v": 0.45, "u": 0.05}, 40, 1.0, numel)
+    assert plan == {"w": 5, "v": 7, "u": 2}  # capped at numel: one entry per chunk at most
+    groups = ParamGroups([("w", (5,)), ("v", (7, 1)), ("u", (3,))], "chunk", chunks=plan)
+    for n, m in plan.items():
+        sizes = groups.slots[n].chunk_sizes()
+        assert len(sizes) == m and min(sizes) >= 1 and sum(sizes) == numel[n]
+    assert groups.n_groups == sum(plan.values())
+
+
+# -- run() end to end ---------------------------------------------------------------------------------
+def test_run_chunked_bert_releases_teachers_writes_checkpoint_plan_and_facts(bert, tmp_path, monkeypatch):
+    base, experts, cal = bert
+    refs: list[weakref.ref] = []
+    real_build, real_fit = expert_merging.build_teacher_cache, expert_merging.fit
+    alive_at_fit: list[int] = []
+
+    def build(*a, **kw):
+        kw["on_loaded"] = lambda task, params: refs.extend(weakref.ref(t) for t in params.values())
+        return real_build(*a, **kw)
+
+    def fit(*a, **kw):
+        gc.collect()
+        alive_at_fit.append(sum(r() is not None for r in refs))
+        return real_fit(*a, **kw)
+
+    monkeypatch.setattr(expert_merging, "build_teacher_cache", build)
+    monkeypatch.setattr(expert_merging, "fit", fit)
+    spec = _spec(base, experts, cal, True, chunked=True, chunk_budget=3.0, kappa=1.0, steps=3, lr=0.3)
+    out = run_merge(spec, tmp_path / "merged").out_dir
+    assert len(refs) > 3 * 10  # every expert's own tensors were loaded (and watched) ...
+    assert alive_at_fit == [0, 0]  # ... and none is alive when either learning stage starts
+    facts = json.loads((out / "alloy_merge.json").read_text())
+    m = facts["metrics"]
+    assert m["teacher_cache_mib"] > 0 and m["task_vectors_mib"] > 0
+    assert m["variant"] == "Expert Merging++" and m["steps"] == 6
+    plan, imp = m["chunk_plan"], m["importance"]
+    assert set(plan) == set(imp) and sum(plan.values()) <= m["chunk_budget"] == 3 * len(plan)
+    assert sum(imp.values()) == pytest.approx(1.0, abs=1e-4)
+    assert (out / expert_merging.PLAN_PNG).stat().st_size > 1000
+    from transformers import AutoModel
+
+    assert AutoModel.from_pretrained(str(out)).config.hidden_size == 32
+    # written = θ₀ + Σ_k α_{k,s} τ_k over the planned contiguous chunks, from the saved table
+    table = Coefficients.load(out / "coefficients.json")
+    written = load_file(str(out / "model.safetensors"))
+    b = load_file(str(base / "model.safetensors"))
+    es = [load_file(str(p / "model.safetensors")) for p in experts.values()]
+    name = max(plan, key=plan.get)
+    mcount = plan[name]
+    assert mcount >= 2
+    flat_b = b[name].double().flatten()
+    want = flat_b.clone()
+    bounds = torch.tensor_split(torch.arange(flat_b.numel()), mcount)
+    for s, idx in enumerate(bounds):
+        row = table.groups.index(f"{name}#{s}")
+        for k, e in enumerate(es):
+            want[idx] += table.values[row, k] * (e[name].double().flatten()[idx] - flat_b[idx])
+    torch.testing.assert_close(written[name].double().flatten(), want, atol=1e-6, rtol=0)
+    # excluded tensors (norms, biases, embeddings) keep the base values
+    for n in ("encoder.layer.0.attention.output.LayerNorm.weight", "encoder.layer.1.output.dense.bias"):
+        torch.testing.assert_close(written[n], b[n])
+
+
+def test_run_causal_lm_end_to_end(llama, tmp_path):
+    base, experts, cal = llama
+    ctx = _ctx(tmp_path / "out", base, experts, cal, False, steps=4, lr=0.5, gamma=0.0)
+    res = expert_merging.run(ctx)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(ctx.out_dir))
+    assert model.config.num_hidden_layers == 2
+    m = res.metrics
+    # experts are base + independent noise: each task pulls its own expert's coefficient up from α₀
+    assert m["hidden_layers"] == [1] and all(v > 0.1 for v in m["coefficient_mean"].values())
+    written = load_file(str(ctx.out_dir / "model.safetensors"))
+    b = load_file(str(base / "model.safetensors"))
+    for n in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        torch.testing.assert_close(written[n], b[n])  # excluded: base values
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(written[q], b[q])

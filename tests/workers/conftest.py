@@ -1,0 +1,1 @@
+from tests.service.fixtures import redis_url  # noqa: F401  (session fixture)

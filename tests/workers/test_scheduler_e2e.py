@@ -1,0 +1,155 @@
+"""Scheduled re-merges end to end with real parts: redis-server, the API (uvicorn), a Celery worker,
+the reaper, TWO scheduler processes, and the Hub-protocol test server holding the base and experts.
+
+A new commit on an expert repo → exactly one new job, which publishes a new revision (tagged) whose
+model card names the new expert commit; no change → no job; two schedulers → still one job per run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import signal
+import sys
+import time
+
+import pytest
+import yaml
+from sqlalchemy import select
+
+from merge_ops.toy_models import make_experts
+from service.cli import main as alloy
+from service.models import Job
+from tests.service.fixtures import TOKENS, Procs, Service, auth, redis_url, service_env  # noqa: F401
+
+pytestmark = pytest.mark.integration
+
+
+def cli(svc: Service, *argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = alloy(["schedules", "--api", svc.url, "--token", TOKENS["acme"], *argv])
+    return rc, out.getvalue()
+
+
+def wait_for(what: str, fn, timeout: float = 90, procs: Procs | None = None):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = fn()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            logs = "" if procs is None else "\n".join(
+                f"--- {n}\n{procs.log(n)[-2000:]}" for n in ("sched0", "sched1", "worker0"))
+            raise AssertionError(f"timed out waiting for {what}\n{logs}")
+        time.sleep(0.2)
+
+
+def test_new_expert_commit_triggers_exactly_one_republish(tmp_path, redis_url, hub_server, tiny_llama):  # noqa: F811
+    base, experts = tiny_llama(2)
+    hub_server.push_folder("org/base", base)
+    e1_v1 = hub_server.push_folder("org/e1", experts[0])
+    e2 = hub_server.push_folder("org/e2", experts[1])
+    data = tmp_path / "data"
+    (tmp_path / "logs").mkdir()
+    data.mkdir()
+    procs = Procs(tmp_path / "logs")
+    env = service_env(data, redis_url, ALLOY_HUB_ENDPOINT=hub_server.url,
+                      ALLOY_HUB_TOKENS=json.dumps({"acme": hub_server.token}),
+                      ALLOY_SCHEDULER_TICK_SECONDS="0.2")
+    try:
+        svc = Service(procs, env)
+        schedule = {"name": "fresh-merge", "trigger": {"type": "on_new_revision", "poll_seconds": 1},
+                    "tag_template": "run-{n}",
+                    "spec": {"method": "task_arithmetic", "base": "org/base", "parameters": {"lambda": 0.5},
+                             "experts": [{"model": "org/e1"}, {"model": "org/e2"}],
+                             "publish": {"repo": "org/merged", "hub": "hf"}}}
+        (tmp_path / "schedule.yaml").write_text(yaml.safe_dump(schedule))
+        rc, out = cli(svc, "--json", "add", str(tmp_path / "schedule.yaml"))
+        assert rc == 0, out
+        sid = json.loads(out)["id"]
+        for i in range(2):  # two schedulers poll the same schedule
+            procs.start(f"sched{i}", [sys.executable, "-m", "service.cli", "scheduler"], env)
+
+        def runs() -> list[dict]:
+            return svc.http.get(f"/v1/schedules/{sid}/runs", headers=auth()).json()["data"][::-1]
+
+        def jobs() -> list[dict]:
+            return svc.http.get("/v1/jobs", headers=auth()).json()["data"][::-1]
+
+        first = wait_for("the first run", lambda: runs()[:1], procs=procs)[0]
+        assert first["reason"] == "first run" and first["n"] == 1
+        job1 = svc.wait_state(first["job_id"], ("succeeded", "failed"), timeout=90)
+        assert job1["state"] == "succeeded", job1["error"]
+        published = len(hub_server.commits("org/merged"))  # repo creation + the merge
+        card1 = hub_server.read("org/merged", "README.md", revision="run-1").decode()
+        assert e1_v1 in card1 and e2 in card1
+
+        # the e1 team pushes a retrained expert
+        retrained = make_experts(base, 1, tmp_path / "retrained", seed=7)[0]
+        e1_v2 = hub_server.push_folder("org/e1", retrained, message="retrain e1")
+        second = wait_for("a run for the new commit", lambda: runs()[1:2], procs=procs)[0]
+        assert second["n"] == 2 and second["changes"] == [
+            {"role": "expert", "name": "e1", "ref": "org/e1", "from": e1_v1, "to": e1_v2}]
+        job2 = svc.wait_state(second["job_id"], ("succeeded", "failed"), timeout=90)
+        assert job2["state"] == "succeeded", job2["error"]
+        assert job2["spec"]["experts"][0]["model"] == f"org/e1@{e1_v2}"
+        merged = hub_server.commits("org/merged")
+        assert len(merged) == published + 1 and merged[0].title.startswith("Merge")  # a new revision, same branch
+        card2 = hub_server.read("org/merged", "README.md", revision="run-2").decode()
+        assert e1_v2 in card2 and e1_v1 not in card2 and e2 in card2
+        assert hub_server.read("org/merged", "README.md", revision="main").decode() == card2
+        facts = json.loads(hub_server.read("org/merged", "alloy_merge.json"))
+        assert {i["name"]: i["commit"] for i in facts["inputs"] if i["role"] == "expert"} == {"e1": e1_v2, "e2": e2}
+
+        # nothing changes for several polls of both schedulers: no run, no job
+        time.sleep(3)
+        assert len(runs()) == 2 and len(jobs()) == 2 and len(hub_server.commits("org/merged")) == published + 1
+        assert all(p.poll() is None for p in procs.procs if p.name.startswith("sched"))
+
+        rc, out = cli(svc, "runs", sid)
+        assert rc == 0 and f"new revision: e1 {e1_v1[:12]} -> {e1_v2[:12]}" in out and "succeeded" in out
+        rc, out = cli(svc, "pause", sid)
+        assert rc == 0 and "paused" in out
+        rc, out = cli(svc, "list")
+        assert rc == 0 and sid in out and "paused" in out
+    finally:
+        procs.stop_all()
+
+
+def test_two_scheduler_processes_record_each_cron_time_once(tmp_path, redis_url, tiny_llama):  # noqa: F811
+    """A cron schedule every second, two scheduler processes racing for ~5 due times."""
+    from service.migrate import upgrade
+    from service.schedules.models import ScheduleRun
+    from service.schedules.store import ScheduleStore
+    from service.schedules.triggers import CronTrigger, first_due
+    from service.store import Store
+
+    base, experts = tiny_llama(2)  # local folders: their "commit" is a content fingerprint
+    env = service_env(tmp_path, redis_url, ALLOY_SCHEDULER_TICK_SECONDS="0.1")
+    upgrade(env["ALLOY_DATABASE_URL"])
+    store = Store(env["ALLOY_DATABASE_URL"])
+    trig = CronTrigger(cron="* * * * * *")
+    sid = ScheduleStore(store).create(
+        tenant="acme", trigger=trig.model_dump(), next_due_at=first_due(trig, store.clock()),
+        spec={"method": "task_arithmetic", "base": str(base), "parameters": {"lambda": 0.5},
+              "experts": [{"model": str(e)} for e in experts]}).id
+    procs = Procs(tmp_path)
+    try:
+        for i in range(2):
+            procs.start(f"sched{i}", [sys.executable, "-m", "service.cli", "scheduler"], env)
+        wait_for("5 cron runs", lambda: len(ScheduleStore(store).runs(sid, limit=5)[0]) >= 5, timeout=60,
+                 procs=procs)
+    finally:
+        for p in procs.procs:
+            procs.kill(p, signal.SIGTERM)
+    with store.tx() as s:
+        runs = list(s.scalars(select(ScheduleRun).where(ScheduleRun.schedule_id == sid).order_by(ScheduleRun.due_at)))
+        jobs = list(s.scalars(select(Job).where(Job.source == "schedule")))
+    assert len({r.due_at for r in runs}) == len(runs) >= 5  # each due second once
+    assert [r.status for r in runs[:2]] == ["submitted", "skipped"] and [r.n for r in runs if r.n] == [1]
+    assert all(r.reason.startswith("inputs unchanged since run 1") for r in runs[1:])
+    assert [j.unique_key for j in jobs] == [f"schedule:{sid}:1"]  # the only job: inputs never changed
+    for name in ("sched0", "sched1"):
+        assert "Traceback" not in procs.log(name), procs.log(name)

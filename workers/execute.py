@@ -1,0 +1,210 @@
+"""Drive one job through its stages: claim → resolve/plan/(learn)/merge/write → publish → record.
+
+Everything this writes goes through the fenced Store calls, so a worker that lost its lease (reaped
+while stalled) stops at its next progress call without touching the record of the new attempt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from merge_ops.errors import AlloyError, CalibrationError, Cancelled
+from merge_ops.spec import MergeSpec
+from service.settings import Settings, worker_name
+from service.store import Store
+
+log = logging.getLogger("alloy.worker")
+
+
+class Reporter:
+    """progress() and cancel_requested() for run_merge: throttled DB writes, a heartbeat thread."""
+
+    def __init__(self, store: Store, job_id: str, attempt: int, settings: Settings):
+        self.store, self.job_id, self.attempt, self.s = store, job_id, attempt, settings
+        self.stage: str | None = None
+        self.cancel = False  # a cancel was requested, or this attempt lost the job
+        self._last = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
+
+    def __enter__(self) -> Reporter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        # renews the lease even while one step runs for a long time (no progress calls)
+        while not self._stop.wait(self.s.heartbeat_seconds):
+            self._write()
+
+    def _write(self, **progress: Any) -> None:
+        with self._lock:
+            try:
+                owner, cancel = self.store.heartbeat(self.job_id, self.attempt, self.s.lease_seconds,
+                                                     **progress)
+            except Exception:  # a DB blip: the lease has slack; the next beat retries
+                log.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
+                return
+            self._last = time.monotonic()
+            if not owner:
+                log.warning("job %s attempt %d: lease lost, stopping", self.job_id, self.attempt)
+            self.cancel = self.cancel or cancel or not owner
+
+    def enter_stage(self, stage: str) -> None:
+        if stage != self.stage:
+            self.stage = stage
+            if not self.store.set_stage(self.job_id, self.attempt, stage):
+                self.cancel = True
+
+    def progress(self, stage: str, step: int, total: int | None, loss: float | None = None) -> None:
+        self.enter_stage(stage)
+        done = total is not None and step >= total
+        if done or time.monotonic() - self._last >= self.s.progress_interval:
+            self._write(stage=stage, step=step, total=total,
+                        loss=None if loss is None else float(loss), progress_event=True)
+        if self.cancel:
+            raise Cancelled("cancelled on request")
+
+    def cancel_requested(self) -> bool:
+        if time.monotonic() - self._last >= self.s.progress_interval:
+            self._write()
+        return self.cancel
+
+
+def redact(text: str, settings: Settings) -> str:
+    """Hub tokens must never reach a job record: scrub them from any message we store."""
+    for tok in settings.hub_tokens.values():
+        v = tok.get_secret_value()
+        if v:
+            text = text.replace(v, "***")
+    return text
+
+
+def run_job(job_id: str, store: Store, settings: Settings) -> str:
+    """Run one delivery of job `job_id`; returns what happened (for logs and tests)."""
+    claim = store.claim(job_id, worker_name(), settings.lease_seconds)
+    if claim is None:
+        log.info("job %s: not claimable (duplicate delivery, cancelled or finished)", job_id)
+        return "skipped"
+    job, attempt = claim.job, claim.attempt
+    log.info("job %s: attempt %d started", job_id, attempt)
+    job_dir = settings.data_dir / "jobs" / job_id
+    work = job_dir / f"attempt-{attempt}"
+    for old in job_dir.glob("attempt-*") if job_dir.exists() else []:
+        shutil.rmtree(old, ignore_errors=True)  # leftovers of an attempt whose worker died
+    rep = Reporter(store, job_id, attempt, settings)
+    try:
+        with rep:
+            result = _run(job.spec, job.tenant, job.queue, job_id, work, rep, store, settings)
+    except Cancelled:
+        ok = store.finish(job_id, attempt, "cancelled", error_code="cancelled",
+                          error_message="cancelled on request")
+        return "cancelled" if ok else "fenced"
+    except AlloyError as e:
+        msg = redact(e.message, settings)
+        log.info("job %s failed: %s: %s", job_id, e.code, msg)
+        store.finish(job_id, attempt, "failed", error_code=e.code, error_message=msg)
+        return "failed"
+    except Exception as e:
+        log.exception("job %s: unexpected error", job_id)
+        store.finish(job_id, attempt, "failed", error_code="internal_error",
+                     error_message=redact(f"unexpected {type(e).__name__} in the worker: {e}", settings)[:2000])
+        return "failed"
+    if store.finish(job_id, attempt, "succeeded", result=result):
+        log.info("job %s succeeded", job_id)
+        return "succeeded"
+    return "fenced"
+
+
+def _run(spec_doc: dict[str, Any], tenant: str, queue: str, job_id: str, work: Path, rep: Reporter,
+         store: Store, settings: Settings) -> dict[str, Any]:
+    from merge_ops.runner import ResolveOptions, publish_result, run_merge  # torch: only in the worker
+
+    spec = MergeSpec.model_validate(spec_doc)
+    calibration = _calibration_files(spec, tenant, store)
+    token = settings.hub_tokens.get(tenant)
+    opts = ResolveOptions(token=token.get_secret_value() if token else None, endpoint=settings.hub_endpoint,
+                          cache_dir=settings.data_dir / "cache", allowed_roots=settings.roots)
+    outcome = run_merge(spec, work / "model", device=_device(queue), progress=rep.progress,
+                        cancel_requested=rep.cancel_requested, job_id=job_id, resolve_options=opts,
+                        calibration=calibration)
+    result: dict[str, Any] = {
+        "metrics": _jsonable(outcome.result.metrics),
+        "inputs": [{"ref": m.ref, "commit": m.commit} for m in
+                   ([outcome.base] if outcome.base else []) + outcome.experts],
+        "artifacts": _keep_artifacts(outcome.out_dir, outcome.result.artifacts, work.parent),
+        "published": None,
+    }
+    if spec.publish is not None:
+        rep.enter_stage("publish")
+        if rep.cancel_requested():  # also the fence: never publish for an attempt that lost the job
+            raise Cancelled("cancelled before publishing")
+        ref = publish_result(outcome, spec, _publisher(spec, tenant, settings), job_id=job_id)
+        result["published"] = _jsonable(dataclasses.asdict(ref) if dataclasses.is_dataclass(ref)
+                                        else dict(vars(ref)))
+    return result
+
+
+def _calibration_files(spec: MergeSpec, tenant: str, store: Store) -> dict[str, Path] | None:
+    if spec.calibration is None:
+        return None
+    out = {}
+    for task, set_id in spec.calibration.tasks.items():
+        cs = store.get_calibration_set(set_id, tenant)
+        if cs is None or not Path(cs.path).is_file():
+            raise CalibrationError(f"calibration set {set_id!r} (for {task!r}) no longer exists",
+                                   param=f"calibration.tasks.{task}")
+        out[task] = Path(cs.path)
+    return out
+
+
+def _device(queue: str) -> str:
+    if queue != "gpu":
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _publisher(spec: MergeSpec, tenant: str, settings: Settings):
+    from merge_ops.publish import make_publisher
+
+    token = settings.hub_tokens.get(tenant)  # per tenant, from the server's settings only
+    return make_publisher(spec.publish.hub, root=settings.hub_root, endpoint=settings.hub_endpoint,
+                          token=token.get_secret_value() if token else None, private=spec.publish.private)
+
+
+def _keep_artifacts(out_dir: Path, artifacts: dict[str, str], job_dir: Path) -> dict[str, str]:
+    """Copy the coefficient files next to the job (served by /coefficients) and list them."""
+    kept = {}
+    for name in ("coefficients", "coefficients_png"):
+        rel = artifacts.get(name)
+        if rel and (out_dir / rel).is_file():
+            dst = job_dir / ("coefficients.png" if name.endswith("png") else "coefficients.json")
+            shutil.copyfile(out_dir / rel, dst)
+            kept[name] = dst.name
+    return kept
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, str | int | float | bool) or x is None:
+        return x
+    if isinstance(x, Path):
+        return str(x)
+    if hasattr(x, "item"):  # numpy / torch scalars
+        return x.item()
+    return str(x)
