@@ -196,8 +196,12 @@ def static_merges(base: dict[str, torch.Tensor], experts: list[dict[str, torch.T
 
 
 # -- AdaMerging through the production path (run(ctx) writes a checkpoint; we score it) ---------
-ADA = {"ada_task": ("task-wise AdaMerging", "task", False), "ada_layer": ("layer-wise AdaMerging", "layer", False),
-       "ada_pp": ("layer-wise AdaMerging++", "layer", True)}
+ADA = {"ada_task": ("task-wise AdaMerging", "task", False, {}),
+       "ada_layer": ("layer-wise AdaMerging", "layer", False, {}),
+       "ada_pp": ("layer-wise AdaMerging++", "layer", True, {}),
+       # the collapse-guard ablation: the official loss (plain entropy, no per-task normalisation)
+       "ada_layer_official": ("layer-wise AdaMerging, official loss (no guard)", "layer", False,
+                              {"diversity": 0.0, "normalize_entropy": False})}
 
 
 def run_adamerging(data: Path, tasks: list[str], key: str, seed: int, cfg: dict, ev: Evaluator) -> dict:
@@ -205,7 +209,8 @@ def run_adamerging(data: Path, tasks: list[str], key: str, seed: int, cfg: dict,
     from merge_ops.learned import adamerging
     from merge_ops.spec import spec_from_dict
 
-    label, gran, plus = ADA[key]
+    label, gran, plus, override = ADA[key]
+    cfg = {**cfg, **override}
     tag = f"{key}-s{seed}-n{cfg['steps']}-b{cfg['batch_size']}-lr{cfg['lr']}-d{cfg['diversity']}-{'_'.join(tasks)}"
     out = CACHE / "runs" / tag
     done = out / "bench_result.json"
@@ -249,7 +254,7 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--data", type=Path, default=DATA)
-    ap.add_argument("--rows", default="experts,base,avg,ta,ties,ada_task,ada_layer,ada_pp")
+    ap.add_argument("--rows", default="experts,base,avg,ta,ties,ada_task,ada_layer,ada_pp,ada_layer_official")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -279,8 +284,18 @@ def main() -> None:
             cache.write_text(json.dumps(evals, indent=1))
         return evals[key]
 
+    def per_task(name: str, fn) -> dict[str, float]:  # rows whose score on a task ignores the others
+        out = {}
+        for t in tasks:
+            key = f"{name}|{t}"
+            if key not in evals:
+                evals[key] = fn(t)
+                cache.write_text(json.dumps(evals, indent=1))
+            out[t] = evals[key]
+        return out
+
     rows: list[dict] = []
-    expert_acc = cached("experts", lambda: {t: ev.accuracy(expert_sd[t][0], heads, [t])[t] for t in tasks})
+    expert_acc = per_task("experts", lambda t: ev.accuracy(expert_sd[t][0], heads, [t])[t])
 
     def add(method: str, per_task: dict[str, float], **extra: object) -> None:
         avg = sum(per_task.values()) / len(per_task)
@@ -292,7 +307,7 @@ def main() -> None:
     if "experts" in rows_wanted:
         add("experts (each on its own task)", expert_acc)
     if "base" in rows_wanted:
-        add("base + expert heads", cached("base", lambda: ev.accuracy(base, heads)))
+        add("base + expert heads", per_task("base", lambda t: ev.accuracy(base, heads, [t])[t]))
     static_keys = {"avg": "weight averaging", "ta": "task arithmetic (λ 0.3)", "ties": "TIES (top-20%, dis-sum, λ 0.3)"}
     if any(k in rows_wanted for k in static_keys):
         merges = None

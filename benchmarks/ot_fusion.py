@@ -1,15 +1,16 @@
 """OT fusion vs vanilla averaging on models trained from different seeds (no shared base).
 
 (a) Fashion-MNIST (Debian `dataset-fashion-mnist`, installed here when missing): two MLPs
-    (784-400-200-100-10) and two small CNNs (conv 32-64 with BatchNorm, FC 128), each pair trained
+    (784-400-200-100-10) and two small CNNs (conv 16-32 with BatchNorm, FC 64), each pair trained
     from different seeds and data orders.
 (b) Two small BERT-style classifiers (byte-level tokens, trained from scratch, different seeds) on a
     task of ../shared/benchmark-data (default language_id).
 For each pair: the parents' test accuracy, vanilla weight averaging, and OT fusion with weight- and
 activation-based ground metrics, exact (ot.emd) and Sinkhorn, all one-shot (no fine-tuning).
 
-    .venv/bin/python benchmarks/ot_fusion.py            # ~10 min on 2 CPU cores
-    .venv/bin/python benchmarks/ot_fusion.py --quick    # fewer epochs, a smoke run
+    .venv/bin/python benchmarks/ot_fusion.py                     # ~10 min on 2 idle CPU cores
+    .venv/bin/python benchmarks/ot_fusion.py --only cnn          # one case; others in the file are kept
+    .venv/bin/python benchmarks/ot_fusion.py --quick --out /tmp/x.json   # fewer epochs, a smoke run
 
 Writes benchmarks/results/ot_fusion.json: {"cases": [{name, family, parents_acc, vanilla_acc, ot_acc,
 settings (the best OT setting), runs (every setting's accuracy), ...}]}.
@@ -40,8 +41,8 @@ TEXT = Path(__file__).resolve().parents[2] / "shared" / "benchmark-data"
 OUT = Path(__file__).resolve().parent / "results" / "ot_fusion.json"
 
 MLP = {"alloy_arch": "mlp", "input_dim": 784, "hidden": [400, 200, 100], "num_classes": 10}
-CNN = {"alloy_arch": "cnn", "in_channels": 1, "image_size": 28, "channels": [32, 64], "kernel_size": 3,
-       "batch_norm": True, "hidden": [128], "num_classes": 10}
+CNN = {"alloy_arch": "cnn", "in_channels": 1, "image_size": 28, "channels": [16, 32], "kernel_size": 3,
+       "batch_norm": True, "hidden": [64], "num_classes": 10}
 SETTINGS = [
     {"ground_metric": "weights", "solver": "exact"},
     {"ground_metric": "weights", "solver": "sinkhorn", "reg": 0.05},
@@ -201,8 +202,11 @@ def main() -> None:
                               (xtr, ytr, xte, yte, calib), epochs=2 if args.quick else 8, lr=1e-3,
                               batch=32, extra_settings=extra))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"cases": cases, "torch_threads": torch.get_num_threads(),
-                                    "quick": args.quick}, indent=2) + "\n")
+    done = {c["name"] for c in cases}
+    kept = json.loads(args.out.read_text())["cases"] if args.out.is_file() else []
+    order = {"mlp": 0, "cnn": 1, "transformer": 2}
+    merged = sorted([c for c in kept if c["name"] not in done] + cases, key=lambda c: order[c["family"]])
+    args.out.write_text(json.dumps({"cases": merged, "quick": args.quick}, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

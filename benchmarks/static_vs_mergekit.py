@@ -75,8 +75,8 @@ def write_config(method: str, base: Path, experts: list[Path], path: Path) -> Pa
     return path
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """Run a child to completion: (wall seconds, peak RSS in MB of the child)."""
+def timed(cmd: list[str]) -> tuple[float, float, float]:
+    """Run a child to completion: (wall seconds, peak RSS in MB, CPU seconds user+system)."""
     env = {**os.environ, "OMP_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS, "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.perf_counter()
@@ -87,16 +87,16 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out.decode(errors='replace')[-4000:]}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
-def run_mergekit(config: Path, out: Path, shard_params: int) -> tuple[float, float]:
+def run_mergekit(config: Path, out: Path, shard_params: int) -> tuple[float, float, float]:
     shutil.rmtree(out, ignore_errors=True)
     return timed([str(PEERS / "bin" / "mergekit-yaml"), str(config), str(out), "--quiet",
                   "--out-shard-size", str(shard_params), "--random-seed", "0", "-j", THREADS])
 
 
-def run_alloy(config: Path, out: Path, shard_bytes: int, device: str) -> tuple[float, float]:
+def run_alloy(config: Path, out: Path, shard_bytes: int, device: str) -> tuple[float, float, float]:
     shutil.rmtree(out, ignore_errors=True)
     return timed([sys.executable, str(Path(__file__).resolve()), "--child", str(config), str(out),
                   str(shard_bytes), device])
@@ -262,18 +262,22 @@ def main() -> None:
         for r in range(runs):
             mk.append(run_mergekit(cfg, work / "mergekit", out_shard_bytes // 2))
             al.append(run_alloy(cfg, work / "alloy", out_shard_bytes, args.device))
-            print(f"  {method} run {r + 1}: mergekit {mk[-1][0]:.2f} s {mk[-1][1]:.0f} MB | "
-                  f"alloy {al[-1][0]:.2f} s {al[-1][1]:.0f} MB", flush=True)
+            print(f"  {method} run {r + 1}: mergekit {mk[-1][0]:.2f} s {mk[-1][1]:.0f} MB "
+                  f"(cpu {mk[-1][2]:.1f} s) | alloy {al[-1][0]:.2f} s {al[-1][1]:.0f} MB (cpu {al[-1][2]:.1f} s)"
+                  f" | load {os.getloadavg()[0]:.1f}", flush=True)
         ties = (base, experts, METHODS[method][1]["density"]) if method == "ties" else None
         cmp = compare(work / "alloy", work / "mergekit", ties)
         mw, mr = statistics.median(x[0] for x in mk), statistics.median(x[1] for x in mk)
         aw, ar = statistics.median(x[0] for x in al), statistics.median(x[1] for x in al)
+        mc, ac = statistics.median(x[2] for x in mk), statistics.median(x[2] for x in al)
         cases.append({"method": method, "alloy_wall_s": round(aw, 3), "mergekit_wall_s": round(mw, 3),
                       "wall_ratio": round(aw / mw, 3), "alloy_peak_rss_mb": round(ar), "mergekit_peak_rss_mb":
                       round(mr), "rss_ratio": round(ar / mr, 3), "max_abs_diff": cmp["max_abs_diff"],
                       "max_bf16_ulps": round(cmp["max_bf16_ulps"], 3),
                       **{k: v for k, v in cmp.items() if k != "max_abs_diff"},
-                      "alloy_over_io_floor": round(aw / floor, 2), "runs": runs})
+                      "alloy_cpu_s": round(ac, 2), "mergekit_cpu_s": round(mc, 2), "cpu_ratio": round(ac / mc, 3),
+                      "alloy_over_io_floor": round(aw / floor, 2), "runs": runs,
+                      "load_avg_1min": round(os.getloadavg()[0], 1)})
         print(json.dumps(cases[-1]), flush=True)
     shutil.rmtree(work, ignore_errors=True)
 
@@ -284,13 +288,13 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "static_vs_mergekit_quick.json" if args.quick else "static_vs_mergekit.json"
     (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
-    print("\n| method | Alloy s | mergekit s | wall ratio | Alloy RSS MB | mergekit RSS MB | RSS ratio | "
-          "max abs diff | elements differing | Alloy / I/O floor |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| method | Alloy s | mergekit s | wall ratio | CPU-time ratio | Alloy RSS MB | mergekit RSS MB | "
+          "RSS ratio | max abs diff | elements differing | Alloy / I/O floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for c in cases:
         print(f"| {c['method']} | {c['alloy_wall_s']:.2f} | {c['mergekit_wall_s']:.2f} | {c['wall_ratio']:.2f} | "
-              f"{c['alloy_peak_rss_mb']} | {c['mergekit_peak_rss_mb']} | {c['rss_ratio']:.2f} | "
-              f"{c['max_abs_diff']:.3g} | {c['frac_elements_differ']:.2%} | {c['alloy_over_io_floor']:.1f}× |")
+              f"{c['cpu_ratio']:.2f} | {c['alloy_peak_rss_mb']} | {c['mergekit_peak_rss_mb']} | {c['rss_ratio']:.2f} | "
+              f"{c['max_abs_diff']:.3g} | {c['frac_elements_differ']:.2%} | {c['alloy_over_io_floor']:.1f}x |")
     print(f"\nI/O floor: {floor:.2f} s. Results: {RESULTS / name}")
 
 

@@ -1,4 +1,5 @@
-"""`make demo`: build tiny Llama experts, merge them two ways, publish, load the result back.
+"""`make demo`: build tiny Llama experts, merge them, publish, load the result back; then the same
+through the service: `alloy up`, an HTTP job with progress, the published model, shutdown.
 
 Everything runs on this machine with no downloads: the models are random-init Llama checkpoints
 (a base and three perturbed "experts") written straight to safetensors.
@@ -6,10 +7,16 @@ Everything runs on this machine with no downloads: the models are random-init Ll
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "demo-out"
@@ -44,19 +51,63 @@ def merge(spec: str, repo: str) -> Path:
     return out
 
 
-def load_back(repo: str) -> None:
+def load_back(repo: str, hub: Path = HUB) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
     from merge_ops.publish import LocalHub
 
-    path = LocalHub(HUB).path(repo)
+    path = LocalHub(hub).path(repo)
     model = AutoModelForCausalLM.from_pretrained(path)
     ids = torch.tensor([[1, 17, 42, 7, 99]])
     with torch.no_grad():
         logits = model(ids).logits
     print(f"loaded {repo} from {path} with transformers: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           f"params, logits {tuple(logits.shape)}, finite={bool(torch.isfinite(logits).all())}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def service_demo() -> None:
+    """`alloy up` (its own redis-server, API, worker, reaper, scheduler), one HTTP job, Ctrl-C."""
+    data = OUT / "service"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALLOY_")}
+    env.update(ALLOY_DATA_DIR=str(data), ALLOY_ALLOWED_ROOTS=f'["{OUT}"]', PYTHONUNBUFFERED="1",
+               ALLOY_API_URL=f"http://127.0.0.1:{port}")
+    spec = OUT / "service-job.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "demo-service", "method": "ties", "base": str(MODELS / "base"),
+        "experts": [{"model": str(MODELS / n)} for n in ("code", "math", "chat")],
+        "parameters": {"density": 0.5}, "publish": {"repo": "demo/merged-by-service"}}))
+    alloy = [sys.executable, "-m", "service.cli"]
+    print(f"$ alloy up --port {port}", flush=True)
+    up = subprocess.Popen(alloy + ["up", "--port", str(port)], env=env, cwd=ROOT, start_new_session=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        while True:
+            line = up.stdout.readline()
+            if not line:
+                sys.exit("demo: `alloy up` exited during start-up; see " + str(data / "logs"))
+            print("  " + line.rstrip(), flush=True)
+            if line.startswith("Ctrl-C"):
+                break
+        print(f"$ alloy submit {spec.name} --wait", flush=True)
+        sub = subprocess.run(alloy + ["submit", str(spec), "--wait"], env=env, cwd=ROOT)
+        if sub.returncode != 0:
+            sys.exit("demo: the service job did not succeed")
+        load_back("demo/merged-by-service", data / "hub")
+    finally:
+        print("stopping the service (Ctrl-C)", flush=True)
+        os.killpg(up.pid, signal.SIGINT)
+        try:
+            up.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
 
 
 def main() -> None:
@@ -68,9 +119,12 @@ def main() -> None:
         step(f"merging with {spec} and publishing to the local hub as {repo}")
         merge(spec, repo)
         load_back(repo)
+    step("the same through the service: alloy up, an HTTP job, shutdown")
+    service_demo()
     step(f"done in {time.perf_counter() - t0:.0f}s")
     print(f"  models:        {MODELS}\n  merged output: {OUT / 'merged'}\n  local hub:     {HUB}\n"
-          f"  model cards:   {HUB}/demo/*/ (README.md, alloy_merge.json)")
+          f"  model cards:   README.md and alloy_merge.json in every published revision\n"
+          f"  service data:  {OUT / 'service'} (job store, logs, its own local hub)")
 
 
 if __name__ == "__main__":

@@ -163,10 +163,10 @@ def _weight_files(folder: Path) -> list[Path]:
                                   param=str(index)) from None
         paths = []
         for fn in files:
-            p = folder / fn
             if not isinstance(fn, str) or "/" in fn or not fn.endswith(".safetensors"):
                 raise CheckpointError(f"{index}: shard {fn!r} is not a .safetensors file in the folder",
                                       param=str(index))
+            p = folder / fn
             if not p.is_file():
                 raise CheckpointError(f"{index}: shard {fn} is missing from {folder}", param=str(index))
             paths.append(p)

@@ -1,138 +1,108 @@
-"""Exact k-th largest magnitude without sorting: a radix select over float bit patterns.
+"""Exact top-k threshold of magnitudes without sorting: a histogram of float bit patterns.
 
 TIES and Breadcrumbs keep the top-k magnitudes of every task vector. mergekit finds them with a
 full `argsort`; a threshold needs much less. For non-negative IEEE floats the bit pattern, read as
-a signed integer, orders exactly like the value, so the k-th largest can be found 16 bits at a time
-with one histogram (`torch.bincount`) per 16-bit digit: one pass for bf16/fp16 (2¹⁵ possible
-magnitudes), two for fp32 (high half, then the low half inside the one bucket that holds the
-answer), four for fp64. Each pass is a linear scan and keeps no copy of the data, so the input can
-be a stream of blocks computed on the fly (|expert − base|, a block at a time).
+an integer, orders exactly like the value, so:
+
+1. one pass over the magnitudes (a stream of blocks computed on the fly, e.g. |expert − base|)
+   stores each element's top 16 bits (15 after the clear sign bit: bf16/fp16 magnitudes are their
+   whole value, fp32 keeps exponent + 7 mantissa bits) as an int16 key and histograms the keys
+   (`torch.bincount`, 2¹⁵ bins);
+2. the histogram names the one key ("bucket") that holds the k-th largest and how many elements lie
+   above it; only that bucket's elements are read again (by index), and their exact k-th value,
+   tie count and tie positions are found among them.
+
+The answer is exact for every dtype; the cost is one linear pass plus a gather of one bucket
+(small unless most elements tie, which bf16 deltas sometimes do; then it is the ties themselves).
 
 Inputs must be magnitudes as `abs()` returns them: non-negative, no -0.0 (NaN sorts above +inf).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 _INT = {16: torch.int16, 32: torch.int32, 64: torch.int64}
-DIGIT = 16
+BINS = 1 << 15
+LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 @dataclass(frozen=True)
 class Threshold:
-    """The k-th largest value and how many elements sit above and at it."""
+    """The k-th largest value, how many elements sit above and at it, and which ties are out."""
 
     value: float
     k: int
     n_greater: int  # elements strictly greater than value (< k)
     n_equal: int  # elements equal to value (n_greater + n_equal >= k)
+    dropped_ties: torch.Tensor  # sorted flat indices of the ties NOT in the top k: the last ones
 
     @property
     def ties_kept(self) -> int:
-        """How many elements equal to `value` belong to the top k."""
+        """How many elements equal to `value` belong to the top k (the first ones by index)."""
         return self.k - self.n_greater
 
 
-class RadixSelect:
-    """The k-th largest of n non-negative floats, fed as blocks over one pass per 16-bit digit.
+class TopK:
+    """Top-k thresholds of n magnitudes fed once, block by block, in index order.
 
-        sel = RadixSelect(k, torch.float32)
-        while not sel.done:
-            for block in blocks():      # the same n values in every pass, in any blocking
-                sel.add(block)
-            sel.next_pass()
-        sel.result                      # Threshold
+        top = TopK(n, torch.float32, device)
+        for start, block in blocks:          # covering 0..n-1
+            top.add(start, block)
+        t = top.threshold(k, lambda idx: magnitudes[idx])   # any number of k
     """
 
-    def __init__(self, k: int, dtype: torch.dtype):
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
         self.bits = torch.finfo(dtype).bits
         if self.bits not in _INT:
             raise ValueError(f"unsupported dtype {dtype}")
-        self.dtype, self.int_dtype, self.k = dtype, _INT[self.bits], k
-        self.n_digits = self.bits // DIGIT
-        self.digit = 0  # the digit the current pass resolves, from the top
-        self.prefix = 0  # the answer's digits resolved so far
-        self.rank = k  # the rank of the answer among the elements that share `prefix`
-        self.n_greater = 0
-        self.result: Threshold | None = None
-        self._hist: torch.Tensor | None = None
-        self._key: torch.Tensor | None = None
+        self.n, self.dtype = n, dtype
+        self.keys = torch.empty(n, dtype=torch.int16, device=device)
+        self.hist = torch.zeros(BINS, dtype=torch.int64, device=device)
+        self.seen = 0
 
-    @property
-    def done(self) -> bool:
-        return self.result is not None
-
-    def add(self, mags: torch.Tensor) -> None:
-        """Count one block of magnitudes into the current pass's histogram."""
+    def add(self, start: int, mags: torch.Tensor) -> None:
         if mags.dtype != self.dtype:
             raise TypeError(f"expected {self.dtype} magnitudes, got {mags.dtype}")
-        bits = mags.reshape(-1).view(self.int_dtype)
-        shift = self.bits - DIGIT * (self.digit + 1)
-        if self.digit == 0:
-            # the sign bit is clear, so the top digit has 15 bits: 2^15 bins
-            key, bins = (bits if shift == 0 else self._shift(bits, shift)), 1 << (DIGIT - 1)
+        flat = mags.reshape(-1)
+        key = self.keys[start:start + flat.numel()]
+        lanes = self.bits // 16
+        if LITTLE_ENDIAN:  # the top 16 bits are the last int16 lane of each element: a strided view
+            key.copy_(flat.view(torch.int16)[lanes - 1::lanes])
         else:
-            # position inside the bucket `prefix`; below -> bin 0, above -> the last bin (ignored)
-            key = self._shift(bits, shift)
-            key.sub_(self.prefix << DIGIT).clamp_(-1, 1 << DIGIT).add_(1)
-            bins = (1 << DIGIT) + 2
-        h = torch.bincount(key, minlength=bins)
-        self._hist = h if self._hist is None else self._hist.add_(h)
+            key.copy_(torch.bitwise_right_shift(flat.view(_INT[self.bits]), self.bits - 16))
+        self.hist += torch.bincount(key, minlength=BINS)
+        self.seen += flat.numel()
 
-    def _shift(self, bits: torch.Tensor, shift: int) -> torch.Tensor:
-        if self._key is None or self._key.numel() < bits.numel() or self._key.device != bits.device:
-            self._key = torch.empty(bits.numel(), dtype=self.int_dtype, device=bits.device)
-        key = self._key[: bits.numel()]
-        return torch.bitwise_right_shift(bits, shift, out=key)
-
-    def next_pass(self) -> bool:
-        """Close the current pass; True once the k-th largest is known (`result`)."""
-        if self.done:
-            return True
-        if self._hist is None:
-            raise ValueError("no values were added in this pass")
-        h = self._hist.cpu()
-        if self.digit > 0:
-            h = h[1:-1]
-        from_top = h.flip(0).cumsum(0)  # elements whose digit is >= each value, from the top
-        if int(from_top[-1]) < self.rank:
-            raise ValueError(f"k={self.k} is larger than the number of values counted")
-        i = int(torch.searchsorted(from_top, self.rank))
-        d = h.numel() - 1 - i
-        in_digit = int(h[d])
-        above = int(from_top[i]) - in_digit
-        self.n_greater += above
-        self.rank -= above
-        self.prefix = (self.prefix << DIGIT) | d
-        self.digit += 1
-        self._hist = None
-        if self.digit == self.n_digits:
-            value = torch.tensor([self.prefix], dtype=torch.int64).to(self.int_dtype).view(self.dtype)
-            self.result = Threshold(float(value), self.k, self.n_greater, in_digit)
-            self._key = None
-        return self.done
-
-
-def select_stream(k: int, dtype: torch.dtype, blocks: Callable[[], Iterable[torch.Tensor]]) -> Threshold:
-    """The k-th largest of the values `blocks()` yields (called once per pass)."""
-    sel = RadixSelect(k, dtype)
-    while not sel.done:
-        for b in blocks():
-            sel.add(b)
-        sel.next_pass()
-    assert sel.result is not None
-    return sel.result
+    def threshold(self, k: int, magnitudes_at: Callable[[torch.Tensor], torch.Tensor]) -> Threshold:
+        """The k-th largest; `magnitudes_at(idx)` returns the exact magnitudes at flat indices idx."""
+        if self.seen != self.n:
+            raise ValueError(f"{self.seen} of {self.n} values were added")
+        if not 1 <= k <= self.n:
+            raise ValueError(f"k={k} is outside 1..{self.n}")
+        h = self.hist.cpu()
+        from_top = h.flip(0).cumsum(0)  # elements whose key is >= each key, from the top
+        i = int(torch.searchsorted(from_top, k))
+        bucket = BINS - 1 - i
+        above = int(from_top[i]) - int(h[bucket])
+        idx = (self.keys == bucket).nonzero().squeeze(1)  # ascending
+        vals = magnitudes_at(idx)
+        rank = k - above  # the answer is the rank-th largest in the bucket
+        value = torch.kthvalue(vals.cpu(), vals.numel() - rank + 1).values
+        eq = vals == value.to(vals.device)
+        n_greater = above + int((vals > value.to(vals.device)).sum())
+        ties = idx[eq]
+        return Threshold(float(value), k, n_greater, ties.numel(), ties[k - n_greater:])
 
 
 def kth_largest(mags: torch.Tensor, k: int, block: int = 1 << 18) -> Threshold:
     """The k-th largest element of a tensor of magnitudes (1 <= k <= numel)."""
     flat = mags.reshape(-1)
-    if not 1 <= k <= flat.numel():
-        raise ValueError(f"k={k} is outside 1..{flat.numel()}")
-    return select_stream(k, flat.dtype, lambda: (flat[s:s + block] for s in range(0, flat.numel(), block)))
+    top = TopK(flat.numel(), flat.dtype, flat.device)
+    for s in range(0, flat.numel(), block):
+        top.add(s, flat[s:s + block])
+    return top.threshold(k, lambda idx: flat[idx])

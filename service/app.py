@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import asynccontextmanager
 
 import redis
 from fastapi import FastAPI, Request
@@ -21,11 +22,11 @@ from service.settings import Settings, get_settings
 from service.store import Store
 
 
-def _celery_enqueue(settings: Settings) -> Callable[[str, str], None]:
-    from workers.app import enqueue, make_app  # celery and kombu only: no torch
+def _celery_enqueue(settings: Settings) -> tuple[Callable[[str, str], None], Callable[[], None]]:
+    from workers.app import enqueue, make_app, warm_up  # celery and kombu only: no torch
 
     celery_app = make_app(settings)
-    return lambda job_id, queue: enqueue(job_id, queue, celery_app)
+    return (lambda job_id, queue: enqueue(job_id, queue, celery_app)), (lambda: warm_up(celery_app))
 
 
 def create_app(settings: Settings | None = None, *,
@@ -33,13 +34,22 @@ def create_app(settings: Settings | None = None, *,
     """`enqueue` sends a job's wake-up (default: the Celery app)."""
     settings = settings or get_settings()
     logging.basicConfig(level=settings.log_level)
-    app = FastAPI(title="Alloy", version="0.1.0",
+    warm: Callable[[], None] = lambda: None  # noqa: E731
+    if enqueue is None:
+        enqueue, warm = _celery_enqueue(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await run_in_threadpool(warm)
+        yield
+
+    app = FastAPI(title="Alloy", version="0.1.0", lifespan=lifespan,
                   description="Merge fine-tuned experts into one model and publish it. "
                   "Authenticate with `Authorization: Bearer <token>`.")
     store = Store(settings.database_url)
     broker = redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
     registry, latency = make_registry(store, broker)
-    app.state.settings, app.state.store, app.state.enqueue = settings, store, enqueue or _celery_enqueue(settings)
+    app.state.settings, app.state.store, app.state.enqueue = settings, store, enqueue
     app.add_middleware(LatencyMiddleware, histogram=latency)
     errors.install(app)
     app.include_router(routes_jobs.router)

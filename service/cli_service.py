@@ -1,8 +1,8 @@
 """Service commands: `alloy serve | worker | reaper | migrate | up | submit`.
 
 `alloy up` is the laptop setup: a redis-server child (unless ALLOY_REDIS_URL is set), migrations,
-then the API, one worker and the reaper as child processes, each in its own process group so that
-Ctrl-C stops exactly what it started.
+then the API, one worker, the reaper and the scheduler as child processes, each in its own process
+group so that Ctrl-C stops exactly what it started.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--revision", default="head")
     p.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser("up", help="Redis + API + worker + reaper on this machine; Ctrl-C stops all")
+    p = sub.add_parser("up", help="Redis + API + worker + reaper + scheduler on this machine; Ctrl-C stops all")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--worker-concurrency", type=int, default=1)
@@ -191,6 +191,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                              "--appendonly", "yes", "--dir", str(data / "redis"),
                              "--maxmemory-policy", "noeviction"], env, logs / "redis.log"))
         env["ALLOY_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+        print(f"redis-server child on {env['ALLOY_REDIS_URL']}", flush=True)
     if not os.environ.get("ALLOY_TOKENS"):
         token = _dev_token(data)
         env["ALLOY_TOKENS"] = json.dumps([{"token": token, "tenant": "local",

@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from merge_ops.errors import AlloyError
@@ -52,6 +53,13 @@ def install(app: FastAPI) -> None:
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
         return problem(e.status_code, code, str(e.detail), getattr(e, "headers", None))
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _db_down(_: Request, e: Exception) -> JSONResponse:
+        # a dropped connection or a database restart: transient, the client may retry (never a 500)
+        log.warning("database unavailable: %s", type(getattr(e, "orig", e)).__name__)
+        return problem(503, "unavailable", "the job store is unreachable; retry shortly", {"Retry-After": "1"})
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:

@@ -60,6 +60,8 @@ def check_service_rules(spec: MergeSpec, tenant: str, store: Store, settings: Se
                                f"{set_id!r}; upload one with POST /v1/calibration-sets and use its id")
     if spec.notify is not None:
         why = url_problem(spec.notify.url, settings.webhook_allow)
+        if settings.webhook_secret is None:
+            why = "webhooks are disabled on this server (no ALLOY_WEBHOOK_SECRET): remove `notify`"
         if why:
             raise ApiError(422, "invalid_spec", why)
     if spec.publish is not None and spec.publish.hub == "hf" and tenant not in settings.hub_tokens:

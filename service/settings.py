@@ -63,14 +63,15 @@ class Settings(BaseSettings):
                                  description="re-send the message of a job queued this long unclaimed")
     progress_interval: float = Field(0.5, gt=0, description="min seconds between progress writes per job")
     max_upload_bytes: int = Field(64 * 1024 * 1024, gt=0, description="calibration-set size limit")
-    webhook_secret: SecretStr = Field(SecretStr("change-me"), description="HMAC key for webhook signatures")
+    webhook_secret: SecretStr | None = Field(
+        None, description="HMAC key for webhook signatures (unset: jobs with `notify` are refused)")
     webhook_allow: list[str] = Field(default_factory=list,
                                      description="allowed webhook hosts (empty: any host)")
-    webhook_max_attempts: int = Field(5, ge=1)
-    webhook_timeout: float = Field(5.0, gt=0)
+    webhook_max_attempts: int = Field(5, ge=1, description="delivery attempts (backoff 1, 2, 4, ... s)")
+    webhook_timeout: float = Field(5.0, gt=0, description="seconds to wait for a webhook receiver")
     visibility_timeout: int = Field(3600, gt=0, description="Redis redelivery of reserved, unstarted messages")
-    sse_poll_seconds: float = Field(0.3, gt=0)
-    log_level: str = "INFO"
+    sse_poll_seconds: float = Field(0.3, gt=0, description="how often an event stream looks for new events")
+    log_level: str = Field("INFO", description="Python logging level of every process")
 
     @model_validator(mode="after")
     def _default_db(self) -> Settings:

@@ -56,6 +56,8 @@ def deliver_due(store: Store, settings: Settings, client: httpx.Client) -> int:
         ts = int(time.time())
         code: int | None = None
         err: str | None = url_problem(url, settings.webhook_allow)
+        if settings.webhook_secret is None:
+            err = "no webhook secret configured (ALLOY_WEBHOOK_SECRET)"
         if err is None:
             headers = {"content-type": "application/json", "webhook-id": webhook_id,
                        "webhook-timestamp": str(ts),

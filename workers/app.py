@@ -67,3 +67,13 @@ def enqueue(job_id: str, queue: str, celery_app: Celery | None = None) -> None:
     (celery_app or app).send_task(RUN_JOB, args=[job_id], queue=queue, retry=True,
                   retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
                                 "interval_max": 0.5})
+
+
+def warm_up(celery_app: Celery) -> None:
+    """Connect the producer pool now, so that the first submit does not pay Celery's lazy setup."""
+    try:
+        with celery_app.producer_or_acquire() as producer:
+            producer.connection.ensure_connection(max_retries=1)
+        celery_app.amqp.router  # noqa: B018  (builds the router: another lazy first-send cost)
+    except Exception:  # broker down at startup: /readyz reports it; submits still record jobs
+        pass

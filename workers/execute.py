@@ -106,24 +106,31 @@ def run_job(job_id: str, store: Store, settings: Settings) -> str:
     try:
         with rep:
             result = _run(job.spec, job.tenant, job.queue, job_id, work, rep, store, settings)
-    except Cancelled:
-        ok = store.finish(job_id, attempt, "cancelled", error_code="cancelled",
-                          error_message="cancelled on request")
-        return "cancelled" if ok else "fenced"
-    except AlloyError as e:
-        msg = redact(e.message, settings)
-        log.info("job %s failed: %s: %s", job_id, e.code, msg)
-        store.finish(job_id, attempt, "failed", error_code=e.code, error_message=msg)
-        return "failed"
     except Exception as e:
-        log.exception("job %s: unexpected error", job_id)
-        store.finish(job_id, attempt, "failed", error_code="internal_error",
-                     error_message=redact(f"unexpected {type(e).__name__} in the worker: {e}", settings)[:2000])
-        return "failed"
+        shutil.rmtree(work, ignore_errors=True)
+        return _record_failure(store, settings, job_id, attempt, e)
+    if result["published"] is not None:
+        shutil.rmtree(work, ignore_errors=True)  # the hub holds it now; coefficients were copied out
+    else:
+        result["output"] = str((work / "model").resolve())  # unpublished: the only copy stays here
     if store.finish(job_id, attempt, "succeeded", result=result):
         log.info("job %s succeeded", job_id)
         return "succeeded"
     return "fenced"
+
+
+def _record_failure(store: Store, settings: Settings, job_id: str, attempt: int, e: Exception) -> str:
+    if isinstance(e, Cancelled):
+        ok = store.finish(job_id, attempt, "cancelled", error_code="cancelled",
+                          error_message="cancelled on request")
+        return "cancelled" if ok else "fenced"
+    if isinstance(e, AlloyError):
+        code, msg = e.code, redact(e.message, settings)
+        log.info("job %s failed: %s: %s", job_id, code, msg)
+    else:
+        log.exception("job %s: unexpected error", job_id, exc_info=e)
+        code, msg = "internal_error", redact(f"unexpected {type(e).__name__} in the worker: {e}", settings)[:2000]
+    return "failed" if store.finish(job_id, attempt, "failed", error_code=code, error_message=msg) else "fenced"
 
 
 def _run(spec_doc: dict[str, Any], tenant: str, queue: str, job_id: str, work: Path, rep: Reporter,

@@ -36,6 +36,8 @@ def sweep(store: Store, settings: Settings, client: httpx.Client, celery_app=Non
 def run_forever(settings: Settings, stop: threading.Event | None = None) -> None:
     from workers.app import make_app
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # its request lines would log webhook URLs
+
     stop = stop or threading.Event()
     store = Store(settings.database_url)
     celery_app = make_app(settings)

@@ -36,6 +36,7 @@ from merge_ops.spec import MergeSpec, format_validation_error
 from service.schedules.models import Schedule, ScheduleRun
 from service.schedules.store import ScheduleStore, job_key
 from service.schedules.triggers import (
+    MAX_MISSED_COUNTED,
     CronTrigger,
     RevisionTrigger,
     changes,
@@ -113,8 +114,13 @@ class Scheduler:
     # -- one pass ---------------------------------------------------------------------------------
     def tick(self) -> list[Outcome]:
         t = self.store.clock()
-        out = [self._finish_pending(run, tenant) for run, tenant in
-               self.schedules.pending(t - timedelta(seconds=self.cfg.pending_after_seconds))]
+        out = []
+        for run, tenant in self.schedules.pending(t - timedelta(seconds=self.cfg.pending_after_seconds)):
+            try:
+                out.append(self._finish_pending(run, tenant))
+            except Exception as e:  # one bad run must not stall every schedule
+                log.exception("run %s: could not create its job", run.id)
+                out.append(Outcome(run.schedule_id, "error", run, str(e)))
         for sid in self.schedules.due(t):
             sch = self.schedules.claim(sid, self.owner, t, self.cfg.lease_seconds)
             if sch is None:
@@ -126,12 +132,12 @@ class Scheduler:
                 log.exception("schedule %s: evaluation failed", sid)
                 outcome, nxt = Outcome(sid, "error", detail=str(e)), t + timedelta(seconds=self.cfg.tick_seconds)
                 error = f"{type(e).__name__}: {e}"[:2000]
-            if outcome.status == "error" and error is None:
-                error = outcome.detail
+            if outcome.status in ("error", "failed") and error is None:
+                error = outcome.detail  # shown on the schedule until a later evaluation goes through
             self.schedules.release(sid, self.owner, nxt, last_error=error)
             out.append(outcome)
         for o in out:
-            if o.status not in ("unchanged",):
+            if o.status != "unchanged":
                 log.info("schedule %s: %s %s", o.schedule_id, o.status, o.detail)
         return out
 
@@ -153,14 +159,16 @@ class Scheduler:
 
     def _cron(self, sch: Schedule, trig: CronTrigger, t: datetime) -> tuple[Outcome, datetime]:
         nxt = next_cron(trig, t)
-        count, due = due_between(trig, sch.next_due_at, t)
+        count, earliest, due = due_between(trig, sch.next_due_at, t)
         if due is None:  # next_due_at was not a cron time (trigger changed under us): realign
             return Outcome(sch.id, "unchanged"), nxt
         key = f"due:{due.isoformat()}"
-        missed = count > 1 or (t - due).total_seconds() > self.cfg.misfire_grace_seconds
-        reason = "cron"
+        # missed = the oldest unhandled due time is older than the grace: no scheduler was running.
+        # Several due times within the grace (a per-second cron, a slow tick) just coalesce.
+        missed = (t - earliest).total_seconds() > self.cfg.misfire_grace_seconds
+        reason = "cron" if count == 1 else f"cron ({count} due times coalesced)"
         if missed:
-            what = f"{count}{'+' if count >= 1000 else ''} due time(s) up to {due.isoformat()} passed " \
+            what = f"{count}{'+' if count >= MAX_MISSED_COUNTED else ''} due time(s) up to {due.isoformat()} passed " \
                    "while no scheduler was running"
             if sch.catch_up == "skip":
                 return self._record(sch, key, due, "skipped", f"{what}; catch_up is `skip`", []), nxt

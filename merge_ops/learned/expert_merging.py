@@ -48,7 +48,7 @@ from merge_ops.job import JobContext, MethodResult
 from merge_ops.learned import chunking
 from merge_ops.learned.adapters import Adapter, EncoderClassifier, Output, build_adapter
 from merge_ops.learned.calibration import Batch, load_calibration
-from merge_ops.learned.engine import FitResult, MergeEngine, MergeInputs, fit, load_merge_inputs
+from merge_ops.learned.engine import FitResult, MergeEngine, MergeInputs, Step, fit, load_merge_inputs
 from merge_ops.learned.groups import ParamGroups
 from merge_ops.learned.outputs import write_outputs
 from merge_ops.learned.teacher_cache import IndexSampler, Targets, TeacherCache, build_teacher_cache
@@ -94,13 +94,10 @@ def regulariser(coeffs: torch.Tensor, alpha0: torch.Tensor) -> torch.Tensor:
 
 
 class Objective:
-    """The per-step loss: one batch per task, merged weights built once and shared by every task.
-
-    Memory: each task's loss is backpropagated as soon as it is computed, into a detached copy of
-    the coefficient table, so only one task's activations are alive at a time (K graphs at once
-    would make peak memory grow with the number of experts). The merge itself (θ₀ + Σ c τ) stays
-    in the graph for the whole step; it saves only views of τ. The returned tensor has the loss's
-    value and, through `c · ∂L/∂c`, its gradient with respect to the raw table."""
+    """The per-step loss in the engine's two-phase form (`fit` passes a `Step`): one batch per task
+    against the merged weights `s.params`, each task's term backpropagated at once so only one task's
+    activations are alive (peak memory does not grow with the number of experts), then γ·R on the
+    table. The step's loss is the sum of the terms (`s.total`)."""
 
     def __init__(self, engine: MergeEngine, adapter: Adapter, cache: TeacherCache, sampler: IndexSampler, *,
                  alpha0: torch.Tensor, beta: Sequence[float], temperature: float, hidden_weight: float,
@@ -111,31 +108,23 @@ class Objective:
         self.device = device
         self.last: dict[str, float] = {}
 
-    def __call__(self, step: int) -> torch.Tensor:
+    def __call__(self, step: int, s: Step) -> None:
         e = self.engine
-        c = e.coefficients()
-        c_leaf = c.detach().requires_grad_(c.requires_grad)
-        params = {n: e.merged_tensor(n, c_leaf) for n in e.inputs.base}
-        heads = e.inputs.heads
         experts = e.inputs.experts
-        value, parts = 0.0, {"logit": 0.0, "hidden": 0.0}
+        parts = {"logit": 0.0, "hidden": 0.0}
         for k, task in enumerate(experts):
             batch, tgt = self.cache.batch(task, self.sampler.next(task), self.device)
-            out = self.adapter.forward(params, heads.get(task, {}), batch, hidden=bool(self.cache.layers))
+            out = self.adapter.forward(s.params, e.inputs.heads.get(task, {}), batch,
+                                       hidden=bool(self.cache.layers))
             lg, hd = alignment_loss(out, batch, tgt, layers=self.cache.layers, temperature=self.temperature,
                                     hidden_weight=self.hidden_weight)
-            loss_k = self.beta[k] * (lg + hd) / len(experts)
-            if loss_k.requires_grad:
-                loss_k.backward(retain_graph=True)  # keeps the merge graph; this task's is dropped
-            value += float(loss_k.detach())
+            s.backward(self.beta[k] * (lg + hd) / len(experts))
             parts["logit"] += float(lg.detach()) / len(experts)
             parts["hidden"] += float(hd.detach()) / len(experts)
-            del out, lg, hd, loss_k
-        reg = regulariser(c, self.alpha0)
+            del out, lg, hd
+        reg = regulariser(e.coefficients(), self.alpha0)
         self.last = {**parts, "reg": float(reg.detach())}
-        grad = c_leaf.grad if c_leaf.grad is not None else torch.zeros_like(c)
-        surrogate = (c * grad).sum() + self.gamma * reg
-        return surrogate + (value + self.gamma * float(reg.detach()) - surrogate.detach())
+        s.backward(self.gamma * reg)
 
 
 class SlicedEngine(MergeEngine):
@@ -228,22 +217,24 @@ def tensor_importance(engine: MergeEngine) -> dict[str, float]:
 
 def stage_two(inputs: MergeInputs, stage1: MergeEngine, plan: dict[str, int], *, alpha0: list[float],
               warm: bool) -> MergeEngine:
-    """The chunk-wise engine. Warm: chunks start at their tensor's stage-1 value, and m = 0 tensors
-    are folded into θ₀ at their stage-1 value (they leave the learned set); cold: α₀ everywhere."""
-    if not warm:
-        return SlicedEngine(inputs, ParamGroups(inputs.merged_shapes(), "chunk", chunks=plan),
-                            init=alpha0, parameterisation="sigmoid")
+    """The chunk-wise engine. Tensors with m = 0 are folded into θ₀ at their fixed coefficient (α₀,
+    as the authors' code; with `warm`, their stage-1 value) and leave the learned set, so no gradient
+    is computed for them. Warm: each chunk starts at its tensor's stage-1 coefficient."""
     with torch.no_grad():
         c1 = stage1.coefficients()
+        a0 = torch.tensor(alpha0)
         for n in [n for n, m in plan.items() if m == 0]:
-            inputs.base[n] = stage1.merged_tensor(n, c1).detach()
-            del inputs.task_vectors[n]
+            tv = inputs.task_vectors.pop(n)
+            c = c1[stage1.groups.slots[n].row] if warm else a0
+            flat = c.to(tv.dtype) @ tv.reshape(tv.shape[0], -1)
+            inputs.base[n] = inputs.base[n] + flat.view(inputs.base[n].shape)
     groups = ParamGroups(inputs.merged_shapes(), "chunk", chunks=plan)
     engine = SlicedEngine(inputs, groups, init=alpha0, parameterisation="sigmoid")
-    with torch.no_grad():
-        raw1 = stage1.raw.detach()
-        for n, slot in groups.slots.items():
-            engine.raw[slot.row: slot.row + slot.chunks] = raw1[stage1.groups.slots[n].row]
+    if warm:
+        with torch.no_grad():
+            raw1 = stage1.raw.detach()
+            for n, slot in groups.slots.items():
+                engine.raw[slot.row: slot.row + slot.chunks] = raw1[stage1.groups.slots[n].row]
     return engine
 
 
@@ -323,13 +314,13 @@ def run(ctx: JobContext) -> MethodResult:
         n_el = {n: s.numel for n, s in engine.groups.slots.items()}
         budget = chunking.budget_from_ratio(float(g("chunk_budget")), len(n_el))
         plan = chunking.allocate_chunks(imp, budget, float(g("kappa")), n_el)
+        if not any(plan.values()):
+            raise SpecError(f"chunk_budget {g('chunk_budget')} gives no tensor a chunk ({len(plan)} merged "
+                            "tensors): raise it", param="chunk_budget")
         layerwise = engine.table()
         engine = stage_two(inputs, engine, plan, alpha0=alpha0, warm=bool(g("warm_start"))).to(ctx.device)
         obj = objective(engine)
-        if engine.raw.numel():
-            res2 = _optimise(engine, obj, g, steps=steps, ctx=ctx, offset=steps, total=total)
-        else:  # a zero budget leaves nothing to learn: every tensor keeps its fixed coefficient
-            res2 = FitResult([float(obj(0).detach())], 0.0, 0.0, 0)
+        res2 = _optimise(engine, obj, g, steps=steps, ctx=ctx, offset=steps, total=total)
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         chunking.plot_plan(imp, plan, ctx.out_dir / PLAN_PNG)
         artifacts["chunk_plan_png"] = PLAN_PNG

@@ -21,13 +21,13 @@ results match mergekit in distribution, not entry by entry.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
 import torch
 
 from merge_ops.methods.base import TensorInputs
 from merge_ops.methods.kernels import buffer, model_param
 from merge_ops.methods.task_vectors import merge
-from merge_ops.select import RadixSelect
 
 LANES = 4  # 16-bit uniforms per int64 draw
 
@@ -41,20 +41,25 @@ class Bernoulli:
         self.gen = generator
         self._state = generator.get_state()
 
-    def pending(self) -> list[RadixSelect]:
-        return []
+    needs_magnitudes = False
+
+    def observe(self, start: int, mags: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def finish(self, magnitudes_at: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        raise NotImplementedError
 
     def start(self) -> None:
         self.gen.set_state(self._state)
 
-    def apply(self, d: torch.Tensor) -> None:
+    def apply(self, d: torch.Tensor, start: int) -> None:
         if self.density >= 1:
             return
         n = d.numel()
         words = buffer("dare_words", -(-n // LANES), torch.int64, self.gen.device)
         words.random_(-(1 << 63), None, generator=self.gen)
         lanes = words.view(torch.int16)[:n]
-        keep = buffer("dare_keep", n, torch.bool, d.device)
+        keep = buffer("dare_keep", n, d.dtype, d.device)  # a float 0/1 mask: bool paths are slow
         torch.lt(lanes.to(d.device), self.cut, out=keep)
         d.mul_(keep)
 

@@ -46,6 +46,15 @@ def buffer(slot: str, n: int, dtype: torch.dtype, device: torch.device) -> torch
     return buf[:n]
 
 
+def ones(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A cached tensor of n ones (read-only by convention)."""
+    cache: dict[tuple[torch.dtype, torch.device], torch.Tensor] = _local.__dict__.setdefault("ones", {})
+    buf = cache.get((dtype, device))
+    if buf is None or buf.numel() < n:
+        buf = cache[(dtype, device)] = torch.ones(n, dtype=dtype, device=device)
+    return buf[:n]
+
+
 def spans(n: int, block: int) -> Iterator[tuple[int, int]]:
     for s in range(0, n, block):
         yield s, min(n, s + block)

@@ -13,15 +13,15 @@ This is mergekit's "generalized task arithmetic", tensor by tensor, with the sam
     normalize:     Δ ← Δ / divisor
     out = base + λ·s(l)·Δ               s(l) = LiNeS depth scale (1 unless `lines`)
 
-Passes over the tensor, all blocked (see kernels.py): selection passes for top-k thresholds (TIES,
-Breadcrumbs: 2 for fp32 work), one more when `rescale` needs the L1 norms before and after
+Passes over the tensor, all blocked (see kernels.py): one selection pass for top-k thresholds
+(TIES, Breadcrumbs; see select.py), one when `rescale` needs the L1 norms before and after
 trimming, then the merge pass. Without trimming or consensus the merge is a single fused weighted
 sum: (1 − c·Σwᵢ)·base + Σ c·wᵢ·expertᵢ.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -33,30 +33,36 @@ from merge_ops.methods.kernels import (
     block_size,
     buffer,
     model_param,
+    ones,
     param,
     require_base,
     spans,
     weighted_sum,
     work_dtype,
 )
-from merge_ops.select import RadixSelect
 
 RESCALE_EPS = 1e-7  # mergekit: below this norm (before or after trimming) no rescale happens
 
 
 class Trim(Protocol):
-    """The sparsification of one expert's task vector, applied a block at a time in order."""
+    """The sparsification of one expert's task vector, applied a block at a time."""
 
-    def pending(self) -> list[RadixSelect]:
-        """Selections that still need a pass over the magnitudes |τ| before `apply` works."""
+    needs_magnitudes: bool  # whether `observe` must see |τ| (one pass) before `apply` works
+
+    def observe(self, start: int, mags: torch.Tensor) -> None:
+        """See |τ| for the block at flat offset `start`."""
+        ...
+
+    def finish(self, magnitudes_at: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """End of the magnitude pass; `magnitudes_at(idx)` gives exact |τ| at flat indices."""
         ...
 
     def start(self) -> None:
-        """Rewind per-pass state (tie counters, random stream): called before every apply pass."""
+        """Rewind per-pass state (a random stream): called before every apply pass."""
         ...
 
-    def apply(self, d: torch.Tensor) -> None:
-        """Zero the dropped entries of the next block of τ, in place."""
+    def apply(self, d: torch.Tensor, start: int) -> None:
+        """Zero the dropped entries of the block of τ at flat offset `start`, in place."""
         ...
 
 
@@ -86,18 +92,16 @@ def merge(x: TensorInputs, method: str, trims: Sequence[Trim | None] | None = No
     fb = base.reshape(-1)
     fe = [e.reshape(-1) for e in experts]
 
-    # 1. selection passes (top-k thresholds over |τᵢ|)
-    while pend := {i: p for i in active if (p := trim_list[i].pending())}:  # type: ignore[union-attr]
+    # 1. one selection pass: the magnitudes |τᵢ| that top-k thresholds need
+    if select := [i for i in active if trim_list[i].needs_magnitudes]:  # type: ignore[union-attr]
         for s, e in spans(n, block):
             b = buffer("base", e - s, wd, device).copy_(fb[s:e])
             mag = buffer("mag", e - s, wd, device)
-            for i, sels in pend.items():
-                torch.sub(fe[i][s:e], b, out=mag).abs_()
-                for sel in sels:
-                    sel.add(mag)
-        for sels in pend.values():
-            for sel in sels:
-                sel.next_pass()
+            for i in select:
+                trim_list[i].observe(s, torch.sub(fe[i][s:e], b, out=mag).abs_())  # type: ignore[union-attr]
+        for i in select:
+            trim_list[i].finish(  # type: ignore[union-attr]
+                lambda idx, i=i: (fe[i][idx].to(wd) - fb[idx].to(wd)).abs_())
 
     # 2. rescale factors: L1 norm of τᵢ before / after trimming
     factors = [1.0] * n_exp
@@ -111,9 +115,9 @@ def merge(x: TensorInputs, method: str, trims: Sequence[Trim | None] | None = No
             d = buffer("d0", e - s, wd, device)
             for i in active:
                 torch.sub(fe[i][s:e], b, out=d)
-                before[i] += torch.linalg.vector_norm(d, 1, dtype=torch.float64)
-                trim_list[i].apply(d)  # type: ignore[union-attr]
-                after[i] += torch.linalg.vector_norm(d, 1, dtype=torch.float64)
+                before[i] += torch.linalg.vector_norm(d, 1)  # block sums in wd, totals in float64
+                trim_list[i].apply(d, s)  # type: ignore[union-attr]
+                after[i] += torch.linalg.vector_norm(d, 1)
         for i in active:
             bf, af = float(before[i]), float(after[i])
             if bf >= RESCALE_EPS and af >= RESCALE_EPS:
@@ -136,7 +140,7 @@ def merge(x: TensorInputs, method: str, trims: Sequence[Trim | None] | None = No
             for i in range(n_exp):
                 torch.sub(fe[i][s:e], b, out=d)
                 if (t := trim_list[i]) is not None:
-                    t.apply(d)
+                    t.apply(d, s)
                 if i == 0:
                     torch.mul(d, coeffs[i], out=acc)
                 else:
@@ -157,10 +161,11 @@ def _consensus_pass(fb: torch.Tensor, fe: list[torch.Tensor], fo: torch.Tensor,
 
     With sgn = ±1 the elected sign and cᵢ = wᵢ·(rescale factor): δᵢ·sgn > 0 exactly where δᵢ agrees,
     so Σ agreeing δᵢ = sgn·Σ |cᵢ|·relu(τᵢ·sign(cᵢ)·sgn) (no per-expert select), and the divisor
-    adds wᵢ where τᵢ·sign(cᵢ)·sgn > 0.
+    adds wᵢ·sign(relu(τᵢ·sign(cᵢ)·sgn)).
     """
     device = fb.device
     n_exp = len(fe)
+    min_w = min(w for w, c in zip(weights, coeffs, strict=True) if c != 0.0) if any(coeffs) else 0.0
     for s, e in spans(fb.numel(), block):
         L = e - s
         b = buffer("base", L, wd, device).copy_(fb[s:e])
@@ -170,7 +175,7 @@ def _consensus_pass(fb: torch.Tensor, fe: list[torch.Tensor], fo: torch.Tensor,
             d = buffer(f"d{i}", L, wd, device)
             torch.sub(fe[i][s:e], b, out=d)
             if (t := trims[i]) is not None:
-                t.apply(d)
+                t.apply(d, s)
             c = coeffs[i]
             if c == 0.0:  # a zero δᵢ never agrees: it counts neither in the sum nor the divisor
                 continue
@@ -184,26 +189,25 @@ def _consensus_pass(fb: torch.Tensor, fe: list[torch.Tensor], fo: torch.Tensor,
         if not ds:
             fo[s:e].copy_(b)
             continue
-        pos = buffer("pos", L, torch.bool, device)
-        torch.ge(acc, 0, out=pos)  # majority sign of Σ δᵢ; an exact 0 elects +
-        sgn = buffer("sgn", L, wd, device).copy_(pos).mul_(2).sub_(1)
+        # majority sign of Σ δᵢ; +0 elects + (a -0 sum means every δᵢ is 0: nothing to elect)
+        sgn = torch.copysign(ones(L, wd, device), acc, out=buffer("sgn", L, wd, device))
         if normalize:
             div = buffer("div", L, wd, device).zero_()
-            agree = buffer("agree", L, torch.bool, device)
+            agree = buffer("agree", L, wd, device)
         for j, (d, c, w) in enumerate(ds):
-            d.mul_(sgn)
-            if normalize:
-                torch.gt(d, 0, out=agree)
-                div.add_(agree, alpha=w)
-            d.clamp_min_(0)
+            d.mul_(sgn).clamp_min_(0)  # |δᵢ|/|cᵢ| where δᵢ agrees with the elected sign, else 0
+            if normalize:  # float 0/1 masks: bool tensors take slow conversion paths on CPU
+                div.add_(torch.sign(d, out=agree), alpha=w)
             if j == 0:
                 torch.mul(d, c, out=acc)
             else:
                 acc.add_(d, alpha=c)
         acc.mul_(sgn)
         if normalize:
-            torch.eq(div, 0, out=pos)
-            div.masked_fill_(pos, 1.0)
+            if min_w > 0:  # a nonzero divisor is >= the smallest weight; a zero one has acc = 0
+                div.clamp_min_(min_w)
+            else:
+                div.add_(torch.eq(div, 0, out=agree))  # 0 -> 1
             acc.div_(div)
         b.add_(acc, alpha=scale)
         fo[s:e].copy_(b)

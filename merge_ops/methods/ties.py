@@ -14,8 +14,8 @@ arXiv:2306.01708. With mergekit's semantics (per tensor, not over the whole flat
 Defaults: weight 1, density 1, lambda 1, normalize true, rescale false (int8_mask accepted, no
 effect: the masks here are never materialised).
 
-Threshold and tie-break. The k-th largest |τᵢ| is found exactly by a radix select on its bit
-pattern (merge_ops/select.py): no sort. Entries above it are kept; of the entries equal to it, the
+Threshold and tie-break. The k-th largest |τᵢ| is found exactly from a histogram of its bit
+patterns (merge_ops/select.py): no sort. Entries above it are kept; of the entries equal to it, the
 first ones in index (row-major) order are kept until exactly k are. mergekit keeps the first k of
 an `argsort`, whose order among equal magnitudes is unspecified, so on tensors with ties at the
 threshold (common: deltas of bf16 weights take few distinct values) the two can keep different
@@ -24,12 +24,14 @@ tied entries; every kept value and the count k are the same.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from merge_ops.methods.base import TensorInputs
-from merge_ops.methods.kernels import buffer, model_param, work_dtype
+from merge_ops.methods.kernels import model_param, work_dtype
 from merge_ops.methods.task_vectors import merge
-from merge_ops.select import RadixSelect, Threshold
+from merge_ops.select import Threshold, TopK
 
 
 def top_k(density: float, n: int) -> int:
@@ -41,62 +43,60 @@ def top_k(density: float, n: int) -> int:
     return max(1, int(density * n))
 
 
-class TopK:
+class TopKTrim:
     """Keep the k largest magnitudes of a task vector, ties at the threshold by index order."""
 
-    def __init__(self, k: int, n: int, dtype: torch.dtype):
+    def __init__(self, k: int, n: int, dtype: torch.dtype, device: torch.device):
         self.k, self.n = k, n
-        self._sel = RadixSelect(k, dtype) if 0 < k < n else None
-        self._t: Threshold | None = None
-        self._left = 0  # ties at the threshold still to keep, in this pass
-        self._seen_ties = 0  # ties at the threshold met so far, in this pass
+        self.needs_magnitudes = 0 < k < n
+        self.top = TopK(n, dtype, device) if self.needs_magnitudes else None
+        self.t: Threshold | None = None
 
-    def pending(self) -> list[RadixSelect]:
-        return [self._sel] if self._sel is not None and not self._sel.done else []
+    def observe(self, start: int, mags: torch.Tensor) -> None:
+        assert self.top is not None
+        self.top.add(start, mags)
+
+    def finish(self, magnitudes_at: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        assert self.top is not None
+        self.t = self.top.threshold(self.k, magnitudes_at)
+        self.top = None  # the keys are no longer needed
 
     def start(self) -> None:
-        if self._sel is not None:
-            self._t = self._sel.result
-            assert self._t is not None, "selection passes must run before apply"
-            self._left, self._seen_ties = self._t.ties_kept, 0
+        pass
 
-    def apply(self, d: torch.Tensor) -> None:
-        if self.k >= self.n:
-            return
-        if self.k == 0:
-            d.zero_()
-            return
-        t = self._t
-        assert t is not None
-        if t.value == 0.0 or self._left == 0:
-            torch.hardshrink(d, t.value, out=d)  # keeps |d| > value
-            return
-        below = _prev_float(t.value, d.dtype)  # hardshrink(below) keeps |d| >= value
-        if self._left == t.n_equal - self._seen_ties:  # every remaining tie is kept
-            torch.hardshrink(d, below, out=d)
-            return
-        mag = buffer("tie_mag", d.numel(), d.dtype, d.device)
-        eq = buffer("tie_eq", d.numel(), torch.bool, d.device)
-        torch.eq(torch.abs(d, out=mag), t.value, out=eq)
-        ties = int(eq.sum())
-        self._seen_ties += ties
-        if ties > self._left:  # the block holding the last kept tie: drop the later ones
-            drop = eq.nonzero().squeeze(1)[self._left:]
-            d[drop] = 0
-            ties = self._left
-        self._left -= ties
-        torch.hardshrink(d, below, out=d)
+    def apply(self, d: torch.Tensor, start: int) -> None:
+        keep_top(d, start, self.k, self.n, self.t)
 
 
-def _prev_float(v: float, dtype: torch.dtype) -> float:
+def keep_top(d: torch.Tensor, start: int, k: int, n: int, t: Threshold | None) -> None:
+    """Zero all but the top k (by magnitude, then index) of the block d at flat offset `start`."""
+    if k >= n:
+        return
+    if k == 0:
+        d.zero_()
+        return
+    assert t is not None, "the magnitude pass must run before apply"
+    if t.value == 0.0:  # the ties are zeros: dropping them changes nothing
+        torch.hardshrink(d, 0.0, out=d)
+        return
+    torch.hardshrink(d, prev_float(t.value, d.dtype), out=d)  # keeps |d| >= value
+    dropped = t.dropped_ties  # then zero the ties past the first (k - n_greater)
+    if dropped.numel():
+        lo, hi = (int(torch.searchsorted(dropped, v)) for v in (start, start + d.numel()))
+        if hi > lo:
+            d[dropped[lo:hi] - start] = 0
+
+
+def prev_float(v: float, dtype: torch.dtype) -> float:
     """The largest value of `dtype` below v > 0."""
     t = torch.tensor(v, dtype=dtype)
     return float(torch.nextafter(t, torch.zeros((), dtype=dtype)))
 
 
-def trims(x: TensorInputs, method: str) -> list[TopK]:
+def trims(x: TensorInputs, method: str) -> list[TopKTrim]:
     n, wd = x.experts[0].numel() if x.experts else 0, work_dtype(x.compute_dtype)
-    return [TopK(top_k(float(model_param(x, method, i, "density")), n), n, wd)
+    device = x.experts[0].device if x.experts else torch.device("cpu")
+    return [TopKTrim(top_k(float(model_param(x, method, i, "density")), n), n, wd, device)
             for i in range(len(x.experts))]
 
 

@@ -78,21 +78,23 @@ def next_cron(trigger: CronTrigger, after: datetime) -> datetime:
     return _utc(it.get_next(datetime))
 
 
-def due_between(trigger: CronTrigger, first: datetime, until: datetime) -> tuple[int, datetime | None]:
-    """(how many due times lie in [first, until], the latest of them); counting stops at
+def due_between(trigger: CronTrigger, first: datetime, until: datetime
+                ) -> tuple[int, datetime | None, datetime | None]:
+    """(how many due times lie in [first, until], the earliest, the latest); counting stops at
     MAX_MISSED_COUNTED, the latest is exact either way."""
     if first > until:
-        return 0, None
+        return 0, None, None
     it = croniter(trigger.cron, (first - timedelta(microseconds=1)).astimezone(ZoneInfo(trigger.timezone)))
-    count, latest = 0, None
+    count, earliest, latest = 0, None, None
     while count < MAX_MISSED_COUNTED:
         t = _utc(it.get_next(datetime))
         if t > until:
-            return count, latest
+            return count, earliest, latest
         count, latest = count + 1, t
+        earliest = earliest or t
     # a very long outage: the latest due time is the one before the next after `until`
     back = croniter(trigger.cron, next_cron(trigger, until).astimezone(ZoneInfo(trigger.timezone)))
-    return count, _utc(back.get_prev(datetime))
+    return count, earliest, _utc(back.get_prev(datetime))
 
 
 def first_due(trigger: CronTrigger | RevisionTrigger, t: datetime) -> datetime:

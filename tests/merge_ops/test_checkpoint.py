@@ -158,6 +158,9 @@ def test_refuses_broken_index(tmp_path: Path) -> None:
         "a": "model-00001-of-00002.safetensors", "b": "model-00001-of-00002.safetensors"}}))
     with pytest.raises(CheckpointError, match="'b' is not in shard"):
         CheckpointReader(tmp_path)
+    (tmp_path / INDEX_NAME).write_text(json.dumps({"weight_map": {"a": "../elsewhere/x.safetensors"}}))
+    with pytest.raises(CheckpointError, match="not a .safetensors file in the folder"):
+        CheckpointReader(tmp_path)
 
 
 def test_refuses_empty_folder_and_bad_config(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from merge_ops.learned import chunking, expert_merging, teacher_cache
 from merge_ops.learned.adapters import build_adapter
 from merge_ops.learned.calibration import collate
 from merge_ops.learned.coefficients import Coefficients
-from merge_ops.learned.engine import MergeEngine, load_merge_inputs
+from merge_ops.learned.engine import MergeEngine, Step, load_merge_inputs
 from merge_ops.learned.groups import ParamGroups
 from merge_ops.learned.teacher_cache import IndexSampler, build_teacher_cache
 from merge_ops.runner import run_merge
@@ -96,11 +96,11 @@ def test_loss_equals_float64_hand_computation(bert, monkeypatch):
     obj = expert_merging.Objective(engine, adapter, cache, IndexSampler(dict.fromkeys(tasks, 12), 4, seed=9),
                                    alpha0=torch.tensor(a0, dtype=torch.float64), beta=beta, temperature=T, hidden_weight=hw,
                                    gamma=gamma)
-    loss = obj(0)
-    got = float(loss.detach())
-    loss.backward()
-    grad = engine.raw.grad.clone()
-    # the per-task backward inside Objective gives the gradient of the plain joint loss
+    s = Step(engine)
+    obj(0, s)
+    s.finish()
+    got, grad = s.total, engine.raw.grad.clone()
+    # the per-task backward of the two-phase step gives the gradient of the plain joint loss
     engine.raw.grad = None
     joint_sampler = IndexSampler(dict.fromkeys(tasks, 12), 4, seed=9)
     params = engine.merged_params()
@@ -237,7 +237,7 @@ def test_run_chunked_bert_releases_teachers_writes_checkpoint_plan_and_facts(ber
 
     monkeypatch.setattr(expert_merging, "build_teacher_cache", build)
     monkeypatch.setattr(expert_merging, "fit", fit)
-    spec = _spec(base, experts, cal, True, chunked=True, chunk_budget=3.0, kappa=1.0, steps=3, lr=0.3)
+    spec = _spec(base, experts, cal, True, chunked=True, chunk_budget=1.0, kappa=2.0, steps=3, lr=0.3)
     out = run_merge(spec, tmp_path / "merged").out_dir
     assert len(refs) > 3 * 10  # every expert's own tensors were loaded (and watched) ...
     assert alive_at_fit == [0, 0]  # ... and none is alive when either learning stage starts
@@ -246,7 +246,7 @@ def test_run_chunked_bert_releases_teachers_writes_checkpoint_plan_and_facts(ber
     assert m["teacher_cache_mib"] > 0 and m["task_vectors_mib"] > 0
     assert m["variant"] == "Expert Merging++" and m["steps"] == 6
     plan, imp = m["chunk_plan"], m["importance"]
-    assert set(plan) == set(imp) and sum(plan.values()) <= m["chunk_budget"] == 3 * len(plan)
+    assert set(plan) == set(imp) and sum(plan.values()) <= m["chunk_budget"] == len(plan)
     assert sum(imp.values()) == pytest.approx(1.0, abs=1e-4)
     assert (out / expert_merging.PLAN_PNG).stat().st_size > 1000
     from transformers import AutoModel
@@ -268,6 +268,13 @@ def test_run_chunked_bert_releases_teachers_writes_checkpoint_plan_and_facts(ber
         for k, e in enumerate(es):
             want[idx] += table.values[row, k] * (e[name].double().flatten()[idx] - flat_b[idx])
     torch.testing.assert_close(written[name].double().flatten(), want, atol=1e-6, rtol=0)
+    # m = 0: a fixed coefficient α₀ (the authors' code), no row in the table
+    zeros = [n for n, c in plan.items() if c == 0]
+    assert zeros and m["fixed_tensors"] == len(zeros)
+    for n in zeros[:2]:
+        assert n not in table.groups and f"{n}#0" not in table.groups
+        fixed = b[n].double() + sum(0.1 * (e[n].double() - b[n].double()) for e in es)
+        torch.testing.assert_close(written[n].double(), fixed, atol=1e-6, rtol=0)
     # excluded tensors (norms, biases, embeddings) keep the base values
     for n in ("encoder.layer.0.attention.output.LayerNorm.weight", "encoder.layer.1.output.dense.bias"):
         torch.testing.assert_close(written[n], b[n])

@@ -166,6 +166,7 @@ def test_ties_matches_formula(dtype: torch.dtype, heavy_ties: bool, small_blocks
         ([1.0, -0.5, 1.0], [0.4, 0.4, 0.4], {"normalize": False, "lambda": 1.3}),
         ([0.7, 0.5, 1.2], [0.2, 0.9, 0.001], {"rescale": True}),
         ([1.0, 1.0, 0.0], [1.0, 0.0, 0.5], {}),
+        ([1.0, -0.61803, 0.41421], [0.6, 0.6, 0.6], {}),  # normalize, a negative weight: zero divisors
     ]
     for w, density, glob in cases:
         model = [{"weight": a, "density": d} for a, d in zip(w, density, strict=True)]

@@ -139,11 +139,11 @@ def test_bert_encoder():
     _check_fuse(sd, perm, cfg.to_dict(), x)
 
 
-def _llama():
+def _llama(tied: bool = False):
     torch.manual_seed(3)
     cfg = transformers.LlamaConfig(vocab_size=48, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, intermediate_size=40, max_position_embeddings=32,
-                                   architectures=["LlamaForCausalLM"])
+                                   tie_word_embeddings=tied, architectures=["LlamaForCausalLM"])
     return cfg, transformers.LlamaForCausalLM(cfg).eval()
 
 
@@ -153,7 +153,8 @@ def _permute_llama(sd: dict, cfg) -> dict:
     pr = torch.randperm(d)
     perm = dict(sd)
     perm["model.embed_tokens.weight"] = sd["model.embed_tokens.weight"][:, pr]
-    perm["lm_head.weight"] = sd["lm_head.weight"][:, pr]
+    if "lm_head.weight" in sd:
+        perm["lm_head.weight"] = sd["lm_head.weight"][:, pr]
     perm["model.norm.weight"] = sd["model.norm.weight"][pr]
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
@@ -176,13 +177,17 @@ def _permute_llama(sd: dict, cfg) -> dict:
     return perm
 
 
-def test_llama_decoder_gqa_rope():
-    cfg, m = _llama()
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama_decoder_gqa_rope(tied):
+    cfg, m = _llama(tied)
     sd = _state(m)
+    if tied:  # as saved to safetensors: the LM head is the embedding, stored once
+        sd.pop("lm_head.weight", None)
     perm = _permute_llama(sd, cfg)
     x = _text_inputs(cfg.vocab_size)
     m2 = transformers.LlamaForCausalLM(cfg).eval()
-    m2.load_state_dict(perm)
+    m2.load_state_dict(perm, strict=not tied)
+    assert not tied or m2.lm_head.weight.data_ptr() == m2.model.embed_tokens.weight.data_ptr()
     with torch.no_grad():
         torch.testing.assert_close(m2(**x).logits, m(**x).logits, atol=1e-5, rtol=1e-5)
     _check_fuse(sd, perm, cfg.to_dict(), x)

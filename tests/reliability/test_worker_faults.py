@@ -51,7 +51,7 @@ def test_sigkill_mid_learning(cluster, models, full):
     ids = [c.submit(learned_spec(models, cal, repo, STEPS)) for _ in range(n)]
     kills: Counter = Counter()
     for k in range(n):
-        job = c.wait_for(lambda: _learning(c, f"worker{k}", ids, kills, max_kills=2), timeout=180,
+        job = c.wait_for(lambda k=k: _learning(c, f"worker{k}", ids, kills, max_kills=2), timeout=180,
                          what=f"a job learning (kill {k + 1})", poll=0.02)
         c.signal(f"worker{k}", signal.SIGKILL)
         kills[job.id] += 1
@@ -68,6 +68,7 @@ def test_sigkill_mid_learning(cluster, models, full):
 def test_sigterm_mid_job(cluster, models, full):
     """SIGTERM to the worker's main process while it learns: warm shutdown finishes the running job,
     gives back the message it had reserved; nothing is left `running`, a new worker finishes the rest."""
+    full_only(full)
     c = cluster(workers=1, max_attempts=3)
     cal = _calibration(c, models)
     repo = "acme/termed"

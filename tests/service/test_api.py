@@ -185,3 +185,31 @@ def test_readyz_metrics_and_openapi(client, tmp_path, settings):
         resp = c.post("/v1/jobs", json=spec_body(tmp_path), headers=auth())
         assert resp.status_code == 202
         assert Store(settings.database_url).get_job(resp.json()["id"]).enqueued_at is None
+
+
+def test_routing_and_webhook_allow_list(settings, tmp_path):
+    s = Settings(**{**settings.model_dump(), "gpu_workers": True, "webhook_allow": ["hooks.example"]})
+    with TestClient(create_app(s)) as c:
+        learned = {"method": "adamerging", "parameters": {}}
+        cal = {}
+        for name in ("e1", "e2"):
+            r = c.post("/v1/calibration-sets", content=b'{"text": "x"}\n', headers=auth())
+            cal[name] = r.json()["id"]
+        r = c.post("/v1/jobs", json=spec_body(tmp_path, **learned, calibration={"tasks": cal}), headers=auth())
+        assert r.status_code == 202 and r.json()["queue"] == "gpu"
+        assert submit(c, tmp_path).json()["queue"] == "cpu"  # static merges stay on CPU workers
+        r = submit(c, tmp_path, notify={"url": "https://elsewhere.example/hook"})
+        assert r.status_code == 422 and "not in the allowed webhook hosts" in r.json()["error"]["message"]
+        assert submit(c, tmp_path, notify={"url": "https://hooks.example/h"}).status_code == 202
+    # another tenant's calibration set cannot be referenced
+    with TestClient(create_app(s)) as c:
+        r = c.post("/v1/jobs", json=spec_body(tmp_path, **learned, calibration={"tasks": cal}),
+                   headers=auth("other"))
+        assert r.status_code == 422 and "no calibration set" in r.json()["error"]["message"]
+
+
+def test_webhooks_refused_without_a_secret(settings, tmp_path):
+    s = Settings(**{**settings.model_dump(), "webhook_secret": None})
+    with TestClient(create_app(s)) as c:
+        r = submit(c, tmp_path, notify={"url": "https://hooks.example/h"})
+        assert r.status_code == 422 and "ALLOY_WEBHOOK_SECRET" in r.json()["error"]["message"]

@@ -6,51 +6,48 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import pytest
+import redis
 import yaml
 
 from merge_ops.publish import LocalHub
 from merge_ops.toy_models import make_experts, write_llama
-from service.cli_service import free_port, wait_http
+from service.cli_service import free_port
 from tests.service.fixtures import ROOT
 
 pytestmark = pytest.mark.integration
 
 
-def processes_mentioning(text: str) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if text in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    out.append(int(d.name))
-            except OSError:
-                pass
-    return out
-
-
 def test_up_submit_wait_and_ctrl_c(tmp_path):
-    pytest.importorskip("merge_ops.methods.task_arithmetic", reason="static kernels not built yet")
     data = tmp_path / "data"
     base = write_llama(data / "models" / "base", hidden=32, layers=2, intermediate=64, vocab=64)
     make_experts(base, 2, data / "models")
+    for i in range(2):  # local calibration files: `submit` uploads them and sends their set ids
+        (data / f"cal{i}.jsonl").write_text("".join(f'{{"input_ids": [{j + 1}, 5, 7]}}\n' for j in range(8)))
     (data / "spec.yaml").write_text(yaml.safe_dump({
-        "method": "task_arithmetic", "base": "./models/base",
+        "method": "adamerging", "base": "./models/base",
         "experts": [{"model": "./models/expert0"}, {"model": "./models/expert1"}],
-        "parameters": {"lambda": 0.5}, "publish": {"repo": "local/demo"}}))
+        "parameters": {"steps": 2, "batch_size": 4, "granularity": "task"},
+        "calibration": {"tasks": {"expert0": "./cal0.jsonl", "expert1": "./cal1.jsonl"}},
+        "publish": {"repo": "local/demo"}}))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALLOY_")}
     env.update(ALLOY_DATA_DIR=str(data), ALLOY_ALLOWED_ROOTS=f'["{data}"]', PYTHONUNBUFFERED="1",
                ALLOY_API_URL=f"http://127.0.0.1:{port}")
     cli = [sys.executable, "-m", "service.cli"]
-    redis_before = set(processes_mentioning("redis-server"))
     up = subprocess.Popen(cli + ["up", "--port", str(port)], env=env, cwd=ROOT, start_new_session=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_http(f"http://127.0.0.1:{port}/readyz", 60, [up])
+        lines = []
+        while not lines or not lines[-1].startswith("Ctrl-C"):
+            line = up.stdout.readline()
+            assert line, "alloy up exited during startup:\n" + "".join(lines)
+            lines.append(line)
+        redis_url = next(ln.split()[-1] for ln in lines if ln.startswith("redis-server child"))
+        assert redis.Redis.from_url(redis_url).ping()
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
         token = (data / "dev-token").read_text().strip()
         assert httpx.get(f"http://127.0.0.1:{port}/v1/jobs").status_code == 401
         sub = subprocess.run(cli + ["submit", str(data / "spec.yaml"), "--wait"], env=env, cwd=ROOT,
@@ -59,10 +56,12 @@ def test_up_submit_wait_and_ctrl_c(tmp_path):
         assert "succeeded" in sub.stdout and "published:" in sub.stdout
         job_id = sub.stdout.split()[1]
         assert LocalHub(data / "hub").find_commit("local/demo", job_id) is not None
-        jobs = httpx.get(f"http://127.0.0.1:{port}/v1/jobs", headers={"Authorization": f"Bearer {token}"})
-        assert [j["state"] for j in jobs.json()["data"]] == ["succeeded"]
-        ours = set(processes_mentioning("redis-server")) - redis_before
-        assert ours  # `up` started its own redis-server
+        h = {"Authorization": f"Bearer {token}"}
+        jobs = httpx.get(f"http://127.0.0.1:{port}/v1/jobs", headers=h).json()["data"]
+        assert [j["state"] for j in jobs] == ["succeeded"]
+        sets = httpx.get(f"http://127.0.0.1:{port}/v1/calibration-sets", headers=h).json()["data"]
+        assert sorted(jobs[0]["spec"]["calibration"]["tasks"].values()) == sorted(x["id"] for x in sets)
+        assert "learn" in sub.stderr  # the progress bar followed the learning stage
     finally:
         up.send_signal(signal.SIGINT)  # what Ctrl-C delivers
         try:
@@ -71,6 +70,7 @@ def test_up_submit_wait_and_ctrl_c(tmp_path):
             os.killpg(up.pid, signal.SIGKILL)
             raise
     assert up.returncode == 0, up.stdout.read()
-    assert not ours & set(processes_mentioning("redis-server"))
+    with pytest.raises(redis.ConnectionError):  # its redis-server child is gone too
+        redis.Redis.from_url(redis_url).ping()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/healthz")

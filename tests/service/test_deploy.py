@@ -25,7 +25,7 @@ def test_compose_commands_and_settings_exist():
         for key in svc.get("environment") or {}:
             if key.startswith("ALLOY_"):
                 assert key.removeprefix("ALLOY_").lower() in fields, (name, key)
-    assert {"migrate", "worker", "reaper"} <= set(commands)
+    assert {"migrate", "worker", "reaper", "scheduler"} <= set(commands)
     assert "--appendonly" in doc["services"]["redis"]["command"]
     for dockerfile in ("Dockerfile", "Dockerfile.gpu"):
         for line in (DEPLOY / dockerfile).read_text().splitlines():

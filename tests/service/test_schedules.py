@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+import yaml
+
 from service.store import Store
 from tests.service.fixtures import auth
 from workers.scheduler import Scheduler, SchedulerSettings
@@ -104,3 +107,20 @@ def test_runs_show_when_why_and_the_job(client, settings):
     page = client.get(f"/v1/schedules/{sid}/runs", params={"limit": 1, "after": page["last_id"]},
                       headers=auth()).json()
     assert not page["has_more"] and [r["n"] for r in page["data"]] == [1]
+
+
+def test_schedule_file_reads_its_spec_like_alloy_submit(tmp_path):
+    from merge_ops.errors import InputError
+    from service.schedules.cli import load_schedule_file
+
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(
+        {"method": "task_arithmetic", "base": "./models/base", "experts": [{"model": "org/e1"}],
+         "parameters": {"lambda": 0.5}}))
+    f = tmp_path / "nightly.yaml"
+    f.write_text(yaml.safe_dump({"trigger": CRON, "catch_up": "skip", "spec": "merge.yaml"}))
+    body = load_schedule_file(f)
+    assert body["trigger"] == CRON and body["catch_up"] == "skip"
+    assert body["spec"]["base"] == str(tmp_path / "models" / "base")  # relative to the file, as for submit
+    f.write_text(yaml.safe_dump({"spec": "merge.yaml"}))
+    with pytest.raises(InputError, match="a schedule file is a mapping with `trigger` and `spec`"):
+        load_schedule_file(f)

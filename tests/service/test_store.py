@@ -174,3 +174,17 @@ def test_webhook_outbox_is_claimed_once(store):
                           delivered=True, retry_in=None)
     assert store.get_job(job.id).webhook_state == "delivered"
     assert [d.status_code for d in store.deliveries(job.id)] == [500, 204]
+
+
+def test_concurrent_submits_with_one_key_make_one_job(store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def create(_):
+        return store.create_job(tenant="acme", spec=SPEC, method="task_arithmetic", queue="cpu",
+                                idempotency_key="race")
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(create, range(16)))
+    assert len({job.id for job, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+    assert len(store.list_jobs("acme")[0]) == 1

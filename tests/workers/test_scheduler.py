@@ -200,6 +200,15 @@ def test_missed_runs_follow_the_catch_up_policy(store, settings, policy):
     assert runs(store, sid)[-1].status == ("submitted" if policy == "once" else "skipped")
 
 
+def test_a_cron_faster_than_the_tick_coalesces_without_counting_as_missed(store, settings):
+    sid = add(store, {"type": "cron", "cron": "* * * * * *"}, catch_up="skip").id  # every second
+    step(store, scheduler(store, settings, Heads(bump=True), misfire_grace_seconds=5), 2.5, 8)
+    r = runs(store, sid)
+    assert len(r) == 8 and {x.status for x in r} == {"submitted"}
+    assert {x.reason for x in r} <= {"cron (2 due times coalesced)", "cron (3 due times coalesced)"}
+    assert r[-1].due_at == store.clock().replace(microsecond=0)  # the latest due time runs
+
+
 def test_on_new_revision_runs_only_when_a_commit_moves(store, settings):
     heads, sent = Heads(), []
     sid = add(store, {"type": "on_new_revision", "poll_seconds": 30}, tag_template="run-{n}").id

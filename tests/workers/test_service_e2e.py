@@ -120,6 +120,8 @@ def test_learned_job_publishes_serves_coefficients_and_signs_webhook(world):
 
     model = AutoModelForCausalLM.from_pretrained(hub.path("acme/merged", pub["commit"]))
     assert model.config.hidden_size == 32
+    job_dir = world["root"] / "jobs" / job["id"]
+    assert not (job_dir / "attempt-1").exists()  # published: the worker's copy is gone
 
     coeffs = svc.http.get(f"/v1/jobs/{job['id']}/coefficients", headers=auth())
     assert coeffs.status_code == 200 and coeffs.json()
@@ -179,7 +181,7 @@ def test_cancel_mid_learning(world):
 
 def test_killed_worker_job_is_retried_and_published_once(world):
     svc = world["svc"]
-    job = submit(svc, learned_spec(world, steps=6, publish={"repo": "acme/retried", "hub": "local"}))
+    job = submit(svc, learned_spec(world, steps=4, publish={"repo": "acme/retried", "hub": "local"}))
     wait_progress(svc, job["id"], "learn", 1)
     svc.procs.kill(svc.workers[0], signal.SIGKILL)  # the whole worker: parent and child
     svc.workers[0] = svc.start_worker("worker0")
