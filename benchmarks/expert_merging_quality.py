@@ -113,6 +113,11 @@ def expert_accuracy(ev: mq.Evaluator | None, tasks: list[str]) -> dict[str, floa
     cache = mq.CACHE / "em_evals.json"
     evals = json.loads(cache.read_text()) if cache.exists() else {}
     key = "experts|" + ",".join(tasks)
+    shared = mq.CACHE / "evals.json"  # multitask_quality.py caches each expert's accuracy as "experts|<task>"
+    if not isinstance(evals.get(key), dict) and shared.exists():
+        sh = json.loads(shared.read_text())
+        if all(isinstance(sh.get(f"experts|{t}"), float) for t in tasks):
+            evals[key] = {t: sh[f"experts|{t}"] for t in tasks}
     if not isinstance(evals.get(key), dict):
         if ev is None:
             raise SystemExit("expert accuracies are not cached; run without --publish-only")

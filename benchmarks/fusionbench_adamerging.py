@@ -67,7 +67,7 @@ def side(which: str, cfg: dict) -> None:
 
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(0)
-    batches = torch.load(WORK / "batches.pt", weights_only=True)  # written by us, tensors only
+    batches = load_file(str(WORK / "batches.safetensors"))
     tasks, base_dir, experts = cfg["tasks"], Path(cfg["base"]), [Path(p) for p in cfg["experts"]]
     heads = {t: load_file(str(p / "model.safetensors")) for t, p in zip(tasks, experts, strict=True)}
     heads = {t: (h["classifier.weight"], h["classifier.bias"]) for t, h in heads.items()}
@@ -180,7 +180,9 @@ def main() -> None:
             b = sampler.next(t)
             batches[f"{step}/{t}/ids"], batches[f"{step}/{t}/mask"] = b.input_ids, b.attention_mask
     WORK.mkdir(parents=True, exist_ok=True)
-    torch.save(batches, WORK / "batches.pt")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in batches.items()}, str(WORK / "batches.safetensors"))
     cfg = {"steps": a.steps, "lr": a.lr, "threads": a.threads, "tasks": tasks, "base": str(mq.base_dir()),
            "experts": [str(mq.expert_dir(t)) for t in tasks]}
     env = {**os.environ, "PYTHONPATH": str(ROOT.parent)}

@@ -171,8 +171,10 @@ def main() -> None:
     ap.add_argument("--task", default="language_id", help="benchmark-data text task for (b)")
     ap.add_argument("--only", choices=("mlp", "cnn", "transformer"), action="append")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=None, help="training epochs (default per case)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     only = set(args.only or ("mlp", "cnn", "transformer"))
     cases = []
     if only & {"mlp", "cnn"}:
@@ -182,25 +184,25 @@ def main() -> None:
         calib = xtr[torch.randperm(len(xtr), generator=torch.Generator().manual_seed(0))[:200]]
         if "mlp" in only:
             cases.append(run_case("fmnist_mlp", "mlp", lambda: build_module(MLP).train(), MLP,
-                                  (xtr, ytr, xte, yte, calib), epochs=1 if args.quick else 3, lr=1e-3,
+                                  (xtr, ytr, xte, yte, calib), epochs=args.epochs or (1 if args.quick else 3), lr=1e-3,
                                   batch=128))
         if "cnn" in only:
             bn = [{**s, "recompute_bn": True} for s in SETTINGS]
             cases.append(run_case("fmnist_cnn", "cnn", lambda: build_module(CNN).train(), CNN,
-                                  (xtr, ytr, xte, yte, calib), epochs=1 if args.quick else 2, lr=2e-3,
+                                  (xtr, ytr, xte, yte, calib), epochs=args.epochs or (1 if args.quick else 2), lr=2e-3,
                                   batch=128, extra_settings=bn))
     if "transformer" in only:
         xtr, ytr, xte, yte, calib, n_cls = text_task(args.task)
-        cfg = transformers.BertConfig(vocab_size=260, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      intermediate_size=128, max_position_embeddings=64, num_labels=n_cls,
+        cfg = transformers.BertConfig(vocab_size=260, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=96, max_position_embeddings=64, num_labels=n_cls,
                                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                                       architectures=["BertForSequenceClassification"])
         extra = [{"ground_metric": g, "solver": "sinkhorn", "reg": r, "resid_policy": p, "qk": "shared"}
                  for g in ("weights", "activations") for r in (0.02, 0.08) for p in ("mean", "joint")]
         cases.append(run_case(f"{args.task}_bert", "transformer",
                               lambda: transformers.BertForSequenceClassification(cfg), cfg.to_dict(),
-                              (xtr, ytr, xte, yte, calib), epochs=2 if args.quick else 8, lr=1e-3,
-                              batch=32, extra_settings=extra))
+                              (xtr, ytr, xte, yte, calib), epochs=args.epochs or (1 if args.quick else 4),
+                              lr=2e-3, batch=32, extra_settings=extra))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = {c["name"] for c in cases}
     kept = json.loads(args.out.read_text())["cases"] if args.out.is_file() else []

@@ -11,7 +11,8 @@ peak RSS is the child's ru_maxrss from wait4. Runs alternate between the two too
 same page-cache state. Then every output tensor is compared: max |diff|, the share of elements
 that differ, and the largest difference in bf16 units in the last place (ulps).
 
-Writes benchmarks/results/static_vs_mergekit.json (or *_quick.json) and prints a Markdown table.
+Writes benchmarks/results/static_vs_mergekit.json (--quick: benchmarks/.cache/...) and prints a
+Markdown table.
 """
 
 from __future__ import annotations
@@ -285,9 +286,10 @@ def main() -> None:
               "model": {**dims, "parameters": n_params, "dtype": "bfloat16", "experts": 3,
                         "input_shard_bytes": shard},
               "command": "python benchmarks/static_vs_mergekit.py" + (" --quick" if args.quick else "")}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "static_vs_mergekit_quick.json" if args.quick else "static_vs_mergekit.json"
-    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
+    # a --quick smoke run is not a result: it goes to the cache, not to benchmarks/results
+    dest = CACHE / "static_vs_mergekit_quick.json" if args.quick else RESULTS / "static_vs_mergekit.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(result, indent=2) + "\n")
     print("\n| method | Alloy s | mergekit s | wall ratio | CPU-time ratio | Alloy RSS MB | mergekit RSS MB | "
           "RSS ratio | max abs diff | elements differing | Alloy / I/O floor |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -295,7 +297,7 @@ def main() -> None:
         print(f"| {c['method']} | {c['alloy_wall_s']:.2f} | {c['mergekit_wall_s']:.2f} | {c['wall_ratio']:.2f} | "
               f"{c['cpu_ratio']:.2f} | {c['alloy_peak_rss_mb']} | {c['mergekit_peak_rss_mb']} | {c['rss_ratio']:.2f} | "
               f"{c['max_abs_diff']:.3g} | {c['frac_elements_differ']:.2%} | {c['alloy_over_io_floor']:.1f}x |")
-    print(f"\nI/O floor: {floor:.2f} s. Results: {RESULTS / name}")
+    print(f"\nI/O floor: {floor:.2f} s. Results: {dest}")
 
 
 if __name__ == "__main__":

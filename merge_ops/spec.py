@@ -327,14 +327,17 @@ def format_validation_error(e: ValidationError) -> str:
 def load_spec(path: str | Path) -> MergeSpec:
     """Read a spec file; relative local model paths are taken relative to the file's folder."""
     p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"spec file {str(p)!r} not found")
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SpecError(f"{p}: not valid YAML: {e}") from None
-    spec = spec_from_dict(doc)
+    spec = spec_from_dict(read_yaml(p, "spec file"))
     return _anchor_paths(spec, p.resolve().parent)
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise SpecError(f"{what} {str(path)!r} not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
 
 
 def _anchor_paths(spec: MergeSpec, root: Path) -> MergeSpec:

@@ -110,17 +110,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_reaper(args: argparse.Namespace) -> int:
+    from workers.reaper import run_forever
+
+    return run_until_signalled(run_forever)
+
+
+def run_until_signalled(loop) -> int:
+    """Run a `loop(settings, stop_event)` service loop until SIGTERM or SIGINT sets the event."""
     import logging
     import threading
-
-    from workers.reaper import run_forever
 
     s = _settings()
     logging.basicConfig(level=s.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    run_forever(s, stop)
+    loop(s, stop)
     return 0
 
 

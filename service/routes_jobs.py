@@ -24,8 +24,9 @@ from service.webhooks import url_problem
 
 log = logging.getLogger("alloy.api")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+MAX_EVENT_ID = 2**63 - 1  # event ids are BIGINT
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": Problem} for code in (401, 403, 404, 409, 422)}
+    code: {"model": Problem} for code in (400, 401, 403, 404, 409, 422, 503)}  # 400: unparsable body; 503: store down
 
 
 def _store(request: Request) -> Store:
@@ -126,12 +127,14 @@ def cancel(job_id: str, request: Request, p: Writer) -> JobOut:
             response_class=StreamingResponse, summary="Server-Sent Events of state changes and progress")
 async def events(job_id: str, request: Request, p: Reader,
                  last_event_id: Annotated[str | None, Header()] = None,
-                 after: Annotated[int | None, Query(ge=0, description="resume after this event id")] = None):
+                 after: Annotated[int | None, Query(ge=0, le=MAX_EVENT_ID, description="resume after this event id")] = None):
     """Each event: `id` (resume with `Last-Event-ID`), `event` (state | stage | progress), JSON `data`.
     The stream ends after the job's terminal state."""
     store, settings = _store(request), _settings(request)
     await run_in_threadpool(_job_or_404, request, job_id, p)
-    cursor = after if after is not None else int(last_event_id) if (last_event_id or "").isdigit() else 0
+    # an id past the 64-bit column range would overflow the query mid-stream: treat it as "from the start"
+    header_id = int(last_event_id) if (last_event_id or "").isdigit() else 0
+    cursor = after if after is not None else header_id if header_id <= MAX_EVENT_ID else 0
 
     async def stream():
         nonlocal cursor

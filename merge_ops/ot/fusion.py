@@ -76,6 +76,12 @@ def fuse(
 ) -> FusionResult:
     """Fuse N ≥ 2 models (state dicts, one config each or one shared) into the anchor's shapes."""
     opt = options or FusionOptions()
+    for name, value, allowed in (("solver", opt.solver, ("exact", "sinkhorn")),
+                                 ("ground_metric", opt.ground_metric, ("weights", "activations")),
+                                 ("qk", opt.qk, ("separate", "shared")),
+                                 ("resid_policy", opt.resid_policy, ("mean", "joint"))):
+        if value not in allowed:
+            raise SpecError(f"ot_fusion {name} {value!r} is not one of {list(allowed)}", param=name)
     n = len(state_dicts)
     if n < 2:
         raise SpecError("ot_fusion needs at least 2 models")
@@ -93,8 +99,6 @@ def fuse(
             raise SpecError("ground_metric activations needs calibration inputs", param="ground_metric")
         probes = _probes(g)
         acts = [_activations(build_module(cfgs[i], state_dicts[i]), inputs, probes, opt) for i in range(n)]
-    elif opt.ground_metric != "weights":
-        raise SpecError(f"unknown ground_metric {opt.ground_metric!r}: use weights or activations")
 
     sd64 = [{k: v.double() for k, v in sd.items() if v.is_floating_point()} for sd in state_dicts]
     sda = sd64[anchor]
@@ -160,8 +164,6 @@ def _solve(space: Space, gm: Graph, sdm: Mapping[str, torch.Tensor], sda: Mappin
     if space.residual and opt.resid_policy == "mean":
         pairs = [_one_map(fm, fa, opt) for fm, fa in writers]
         return torch.stack([p[0] for p in pairs]).mean(0), sum(p[1] for p in pairs) / len(pairs)
-    if opt.resid_policy not in ("mean", "joint"):
-        raise SpecError(f"unknown resid_policy {opt.resid_policy!r}: use mean or joint")
     return _one_map(torch.cat([x for x, _ in writers], 1), torch.cat([y for _, y in writers], 1), opt)
 
 

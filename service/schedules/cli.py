@@ -19,8 +19,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("schedules", help="manage scheduled re-merges (cron / on new revision) via the API")
@@ -47,20 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # -- the loop ------------------------------------------------------------------------------------
 def cmd_scheduler(args: argparse.Namespace) -> int:
-    import logging
-    import signal
-    import threading
-
-    from service.settings import get_settings
+    from service.cli_service import run_until_signalled
     from workers.scheduler import run_forever
 
-    s = get_settings()
-    logging.basicConfig(level=s.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    run_forever(s, stop)
-    return 0
+    return run_until_signalled(run_forever)
 
 
 # -- the client ----------------------------------------------------------------------------------
@@ -87,14 +75,9 @@ def _call(args: argparse.Namespace, method: str, path: str, ok: int = 200, **kw)
 def load_schedule_file(path: Path) -> dict[str, Any]:
     """The POST /v1/schedules body from a schedule YAML file (the spec read like `alloy submit`'s)."""
     from merge_ops.errors import InputError
-    from merge_ops.spec import load_spec, spec_from_dict
+    from merge_ops.spec import load_spec, read_yaml, spec_from_dict
 
-    if not path.is_file():
-        raise InputError(f"schedule file {str(path)!r} not found")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: not valid YAML: {e}") from None
+    doc = read_yaml(path, "schedule file")
     if not isinstance(doc, dict) or "spec" not in doc or "trigger" not in doc:
         raise InputError(f"{path}: a schedule file is a mapping with `trigger` and `spec` (see `alloy schedules "
                          "add --help`)")

@@ -96,3 +96,14 @@ def test_calibration_lines_are_validated_with_line_numbers(client):
     r = client.post("/v1/calibration-sets", content=bad, headers=auth())
     assert r.status_code == 422 and r.json()["error"]["message"].startswith("line 2:")
     assert not list((_root(client) / "calibration").rglob("*.jsonl"))
+
+
+def test_event_cursor_past_64_bits(client):
+    """Found by schemathesis: a cursor past the BIGINT range broke the SSE stream mid-response."""
+    job = client.post("/v1/jobs", json=spec_body(_root(client)), headers=auth()).json()
+    client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth())  # terminal: the stream ends
+    huge = "172554431038449319863623090176"
+    r = client.get(f"/v1/jobs/{job['id']}/events", params={"after": huge}, headers=auth())
+    assert r.status_code == 422 and "after" in r.json()["error"]["message"]
+    r = client.get(f"/v1/jobs/{job['id']}/events", headers={**auth(), "Last-Event-ID": huge})
+    assert r.status_code == 200 and r.text.count("event: state") == 2  # queued, cancelled: from the start

@@ -297,3 +297,41 @@ def test_run_causal_lm_end_to_end(llama, tmp_path):
         torch.testing.assert_close(written[n], b[n])  # excluded: base values
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(written[q], b[q])
+
+
+def test_stage_two_cold_fixes_alpha0_and_warm_starts_at_the_stage_one_model():
+    """Cold: m = 0 tensors fold in at α₀ and chunks start at α₀ (the authors' code). Warm: the
+    stage-2 model at its start is exactly the stage-1 model."""
+    from merge_ops.learned.engine import MergeInputs
+
+    g = torch.Generator().manual_seed(0)
+
+    def inputs() -> MergeInputs:
+        shapes = {"a": (4, 6), "b": (5,), "c": (3, 3)}
+        return MergeInputs(["x", "y"], {n: torch.randn(s, generator=torch.Generator().manual_seed(1),
+                                                       dtype=torch.float64) for n, s in shapes.items()},
+                           {n: torch.randn((2, *s), generator=torch.Generator().manual_seed(2),
+                                           dtype=torch.float64) for n, s in shapes.items()})
+
+    plan = {"a": 3, "b": 0, "c": 1}
+    a0 = [0.1, 0.2]
+    for warm in (False, True):
+        inp = inputs()
+        s1 = MergeEngine(inp, ParamGroups(inp.merged_shapes(), "layer"), init=a0, parameterisation="sigmoid")
+        with torch.no_grad():
+            s1.raw.add_(torch.randn(s1.raw.shape, generator=g))
+        stage1 = {n: t.detach().clone() for n, t in s1.merged_params().items()}
+        c1 = s1.coefficients().detach().double()
+        e2 = expert_merging.stage_two(inp, s1, plan, alpha0=a0, warm=warm)
+        assert e2.groups.n_groups == 4 and "b" not in e2.inputs.task_vectors
+        got = e2.merged_params()
+        ref = inputs()
+        for n, t in got.items():
+            if warm:
+                want = stage1[n]
+            else:
+                want = ref.base[n] + sum(a0[k] * ref.task_vectors[n][k] for k in range(2))
+            torch.testing.assert_close(t.detach(), want, atol=1e-6, rtol=0)
+        if warm:
+            rows = e2.coefficients().detach().double()
+            assert torch.allclose(rows[:3], c1[s1.groups.slots["a"].row].expand(3, 2), atol=1e-7)

@@ -119,6 +119,8 @@ def test_refuses_bad_inputs():
         fuse([a, a], _mlp(4), options=FusionOptions(ground_metric="activations"))
     with pytest.raises(SpecError, match="at least 2"):
         fuse([a], _mlp(4))
+    with pytest.raises(SpecError, match="solver 'lp'"):
+        fuse([a, a], _mlp(4), options=FusionOptions(solver="lp"))
 
 
 def _write(folder, sd, config):

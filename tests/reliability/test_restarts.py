@@ -44,8 +44,7 @@ def _assert_all_once(c: Cluster, ids: list[str], timeout: float) -> None:
 def test_redis_restart_with_jobs_queued(cluster, models, full, appendonly):
     """Jobs queued, Redis killed and restarted, then workers start: every job completes once. Without
     persistence the messages are gone and the reaper re-sends them from the jobs table."""
-    if appendonly:
-        full_only(full)
+    full_only(full)
     n = 100 if full else 10
     c = cluster(workers=None)
     c.start_redis(appendonly=appendonly)
@@ -68,6 +67,7 @@ def test_redis_down_while_jobs_run(cluster, models, full):
     """Redis down for 10 s (3 s in CI) while jobs run: running jobs finish, jobs submitted meanwhile
     are kept, and after the restart every worker consumes again (the known failure: workers that
     reconnect but never consume again)."""
+    full_only(full)
     c = cluster(workers=2)
     first = [c.submit(static_spec(models)) for _ in range(4)]
     c.wait_for(lambda: any(c.store.get_job(i).state == "running" for i in first), what="a running job")
@@ -153,6 +153,7 @@ def _check_records(c: Cluster, load: Load) -> None:
 def test_api_restart_under_load(cluster, models, full):
     """SIGKILL the API while clients submit and poll, start it again: clients see connection errors
     or 503 at most, every accepted job is in the store with its body, and every job completes."""
+    full_only(full)
     c = cluster(workers=1)
     with Load(c, static_spec(models)) as load:
         time.sleep(2)
@@ -188,9 +189,10 @@ def pg_database() -> Iterator[str]:
         admin.close()
 
 
-def test_database_connections_dropped_under_load(cluster, models, pg_database):
+def test_database_connections_dropped_under_load(cluster, models, pg_database, full):
     """Every PostgreSQL connection of the service terminated (a database restart or failover, as the
     pool sees it) while clients load the API: 503 at most, no corrupted record, every job completes."""
+    full_only(full)
     import psycopg
 
     c = cluster(workers=1, database_url=pg_database)

@@ -101,9 +101,10 @@ def _memory_bomb(root: Path, gb: float) -> dict[str, str]:
     return out
 
 
-def test_job_that_kills_its_worker_every_time_fails_at_the_attempt_cap(cluster, models, tmp_path):
+def test_job_that_kills_its_worker_every_time_fails_at_the_attempt_cap(cluster, models, tmp_path, full):
     """A spec that exhausts memory: each attempt is OOM-killed (a watchdog plays the kernel's OOM
     killer at 600 MB); after max_attempts the job is `failed` with that reason instead of looping."""
+    full_only(full)
     cap = 2
     c = cluster(workers=1, max_attempts=cap)
     bomb = _memory_bomb(tmp_path, gb=1.5)
