@@ -14,7 +14,7 @@ benchmarks/results/multitask_quality.json (other rows are left as they are: run 
 first, then this; finished runs are cached, so `--publish-only` re-inserts them in seconds). The
 ablation (EM++ without the hidden loss, without the regulariser, with uniform chunks; EM; EM++ warm
 start) goes to benchmarks/results/expert_merging_ablation.json, together with the memory table
-(`--memory`: learning-stage peak RSS for 1, 3 and 5 experts, each in a fresh process).
+(`--memory`: learning-stage peak RSS for 1..K of the given experts, each in a fresh process).
 """
 
 from __future__ import annotations
@@ -139,11 +139,11 @@ def row(method: str, runs: list[dict], seeds: list[int], tasks: list[str], exper
 
 
 # -- memory: learning-stage peak RSS vs the number of experts (fresh process each) -------------------
-def memory_child(k: int, data: Path) -> None:
+def memory_child(tasks: list[str], data: Path) -> None:
     from merge_ops.job import JobContext, ResolvedModel
     from merge_ops.learned import expert_merging
 
-    tasks = list(mq.TASKS[:k])
+    k = len(tasks)
     out = mq.CACHE / "runs" / f"em-memory-k{k}"
     if out.exists():
         import shutil
@@ -158,11 +158,11 @@ def memory_child(k: int, data: Path) -> None:
                                             "rss_before_learn_mib", "learn_peak_rss_mib")}))
 
 
-def memory_table(data: Path) -> list[dict]:
+def memory_table(data: Path, tasks: list[str]) -> list[dict]:
     rows = []
-    for k in (1, 3, 5):
-        p = subprocess.run([sys.executable, __file__, "--memory-child", str(k)], capture_output=True, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "2"})
+    for k in range(1, len(tasks) + 1):
+        p = subprocess.run([sys.executable, __file__, "--memory-child", ",".join(tasks[:k])],
+                           capture_output=True, text=True)
         if p.returncode != 0:
             raise SystemExit(p.stderr[-2000:])
         m = json.loads(p.stdout.strip().splitlines()[-1])
@@ -179,6 +179,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--ablation-seeds", default="0")
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--empp-steps", type=int, default=None,
+                    help="steps per stage for Expert Merging++ (default --steps; --steps/2 matches EM's total)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--samples", type=int, default=128, help="calibration samples per task")
     ap.add_argument("--data", type=Path, default=mq.DATA)
@@ -186,11 +188,11 @@ def main() -> None:
     ap.add_argument("--no-ablation", action="store_true")
     ap.add_argument("--publish-only", action="store_true", help="only re-insert cached rows into the results")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
-    ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.memory_child is not None:
-        memory_child(a.memory_child, a.data)
+        memory_child(a.memory_child.split(","), a.data)
         return
     tasks = [t for t in a.tasks.split(",") if t]
     seeds = [int(x) for x in a.seeds.split(",") if x]
@@ -203,10 +205,14 @@ def main() -> None:
     expert_acc = expert_accuracy(ev, tasks)
     common = {"steps": a.steps, "batch_size": a.batch_size}
 
-    mine = [row(label, [run_one(a.data, tasks, key, {**common, **p}, s, a.samples, ev) for s in seeds],
+    def params(p: dict) -> dict:
+        steps = a.empp_steps if p.get("chunked") and a.empp_steps else a.steps
+        return {**common, **p, "steps": steps}
+
+    mine = [row(label, [run_one(a.data, tasks, key, params(p), s, a.samples, ev) for s in seeds],
                 seeds, tasks, expert_acc) for key, (label, p) in ROWS.items()]
     ablation = [] if a.no_ablation else [
-        row(label, [run_one(a.data, tasks, key, {**common, **p}, s, a.samples, ev) for s in abl_seeds],
+        row(label, [run_one(a.data, tasks, key, params(p), s, a.samples, ev) for s in abl_seeds],
             abl_seeds, tasks, expert_acc) for key, (label, p) in ABLATION.items()]
 
     # multitask_quality.json: replace our rows, keep everyone else's
@@ -216,19 +222,21 @@ def main() -> None:
         print(f"note: {path} was computed on tasks {doc.get('tasks')}; our rows use {tasks}")
     names = {r["method"] for r in mine}
     doc["rows"] = [r for r in doc.get("rows", []) if r["method"] not in names] + \
-                  [{**r, "seeds": seeds, "config": {**common, "samples_per_task": a.samples}} for r in mine]
+                  [{**r, "seeds": seeds, "config": {**params(ROWS[k][1]), "samples_per_task": a.samples}}
+                   for k, r in zip(ROWS, mine, strict=True)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
 
     abl_path = RESULTS / "expert_merging_ablation.json"
     old = json.loads(abl_path.read_text()) if abl_path.exists() else {}
     out = {"tasks": tasks, "seeds": seeds, "ablation_seeds": abl_seeds,
-           "config": {**common, "samples_per_task": a.samples, "max_length": mq.MAX_LEN,
+           "config": {**common, "empp_steps_per_stage": params({"chunked": True})["steps"],
+                      "samples_per_task": a.samples, "max_length": mq.MAX_LEN,
                       "defaults": "alpha0 0.1, T 1, hidden middle (index 3), gamma 5 (paper normalisation), "
                                   "lr 0.5 AdamW wd 1e-5, cosine warm restarts T_0 50, clip 1.0, "
                                   "chunk_budget 2.0, kappa 1.0"},
            "expert_accuracy": expert_acc, "rows": mine, "ablation": ablation or old.get("ablation", []),
-           "memory": memory_table(a.data) if a.memory else old.get("memory", [])}
+           "memory": memory_table(a.data, tasks) if a.memory else old.get("memory", [])}
     abl_path.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
 
     others = {r["method"]: r for r in doc["rows"]}

@@ -8,7 +8,7 @@
 For each pair: the parents' test accuracy, vanilla weight averaging, and OT fusion with weight- and
 activation-based ground metrics, exact (ot.emd) and Sinkhorn, all one-shot (no fine-tuning).
 
-    .venv/bin/python benchmarks/ot_fusion.py                     # ~10 min on 2 idle CPU cores
+    .venv/bin/python benchmarks/ot_fusion.py                     # ~15 min on 2 idle CPU cores
     .venv/bin/python benchmarks/ot_fusion.py --only cnn          # one case; others in the file are kept
     .venv/bin/python benchmarks/ot_fusion.py --quick --out /tmp/x.json   # fewer epochs, a smoke run
 
@@ -201,7 +201,7 @@ def main() -> None:
                  for g in ("weights", "activations") for r in (0.02, 0.08) for p in ("mean", "joint")]
         cases.append(run_case(f"{args.task}_bert", "transformer",
                               lambda: transformers.BertForSequenceClassification(cfg), cfg.to_dict(),
-                              (xtr, ytr, xte, yte, calib), epochs=args.epochs or (1 if args.quick else 4),
+                              (xtr, ytr, xte, yte, calib), epochs=args.epochs or (1 if args.quick else 8),
                               lr=2e-3, batch=32, extra_settings=extra))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = {c["name"] for c in cases}

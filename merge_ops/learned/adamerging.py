@@ -29,7 +29,14 @@ from merge_ops.errors import SpecError
 from merge_ops.job import JobContext, MethodResult
 from merge_ops.learned.adapters import EncoderClassifier, build_adapter
 from merge_ops.learned.calibration import BatchSampler, load_calibration
-from merge_ops.learned.engine import MergeEngine, Step, fit, load_merge_inputs, ties_trim
+from merge_ops.learned.engine import (
+    MergeEngine,
+    Step,
+    fit,
+    load_merge_inputs,
+    reset_peak_memory,
+    ties_trim,
+)
 from merge_ops.learned.groups import ParamGroups
 from merge_ops.learned.outputs import write_outputs
 from merge_ops.spec import parse_size
@@ -56,6 +63,7 @@ def run(ctx: JobContext) -> MethodResult:
     names = spec.expert_names()
     dtype = TORCH_DTYPES[spec.dtype]
     torch.manual_seed(spec.seed)
+    reset_peak_memory(ctx.device)
     ctx.progress("learn", 0, int(g("steps")), None)
 
     adapter = build_adapter(ctx.base.path, dtype, ctx.device)

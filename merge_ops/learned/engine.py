@@ -238,9 +238,28 @@ class FitResult:
     peak_memory: dict[str, float] = field(default_factory=dict)
 
 
+def reset_peak_memory(device: str | torch.device = "cpu") -> None:
+    """Start a new peak-memory window (a worker runs many jobs; each reports its own peak).
+
+    Linux: writing 5 to /proc/self/clear_refs resets VmHWM; elsewhere the peak stays process-wide."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_memory(device: str | torch.device = "cpu") -> dict[str, float]:
-    """Process peak RSS (Linux reports KiB) and, on CUDA, the allocator's peak, in MiB."""
+    """Peak RSS since the last reset_peak_memory() (VmHWM; ru_maxrss where /proc is missing) and,
+    on CUDA, the allocator's peak, in MiB."""
     out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                out["peak_rss_mib"] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out

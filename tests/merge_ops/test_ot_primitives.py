@@ -172,3 +172,15 @@ def test_run_bert_output_loads_in_transformers(tmp_path):
     # the classifier's class axis is never moved: its bias is the plain average
     torch.testing.assert_close(fused.classifier.bias,
                                (models[0].classifier.bias + models[1].classifier.bias).detach() / 2)
+
+
+def test_recompute_batchnorm_statistics():
+    torch.manual_seed(5)
+    cfg = {"alloy_arch": "cnn", "in_channels": 1, "image_size": 4, "channels": [3], "num_classes": 2}
+    sd = {k: v.detach().clone() for k, v in build_module(cfg).state_dict().items()}
+    x = torch.randn(16, 1, 4, 4)
+    res = fuse([sd, sd], cfg, inputs=x, options=FusionOptions(recompute_bn=True))
+    conv = torch.nn.functional.conv2d(x.double(), sd["convs.0.weight"].double(), sd["convs.0.bias"].double(),
+                                      padding=1)
+    torch.testing.assert_close(res.state_dict["bns.0.running_mean"].double(), conv.mean((0, 2, 3)))
+    torch.testing.assert_close(res.state_dict["bns.0.running_var"].double(), conv.var((0, 2, 3), unbiased=True))
