@@ -104,9 +104,21 @@ def run_one(data: Path, tasks: list[str], key: str, params: dict, seed: int, sam
         result["chunks_by_kind"] = {k: round(sum(v) / len(v), 2) for k, v in kinds.items()}
         imp = m["importance"]
         result["importance_top5"] = sorted(imp, key=imp.get, reverse=True)[:5]
+    if "stage1_coefficients" in m:  # EM++ stage 1 is Expert Merging: score it too, from its coefficients
+        result["stage1_per_task"] = ev.accuracy(stage1_state(tasks, m["stage1_coefficients"]), heads)
     done.write_text(json.dumps(result, indent=1))
     print(f"  [{key} seed {seed}] avg {sum(acc.values()) / len(acc):.4f} ({time.time() - t0:.0f}s)", flush=True)
     return result
+
+
+def stage1_state(tasks: list[str], coeffs: dict[str, list[float]]) -> dict[str, torch.Tensor]:
+    """θ₀ + Σ_k α_k τ_k over the tensors stage 1 learned; every other tensor keeps the base value."""
+    base = mq.load_st(mq.base_dir() / "model.safetensors")
+    experts = [mq.load_st(mq.expert_dir(t) / "model.safetensors") for t in tasks]
+    out = dict(base)
+    for n, a in coeffs.items():
+        out[n] = base[n] + sum(a[k] * (e[n] - base[n]) for k, e in enumerate(experts))
+    return out
 
 
 def expert_accuracy(ev: mq.Evaluator | None, tasks: list[str]) -> dict[str, float]:
@@ -182,10 +194,13 @@ def main() -> None:
     ap.add_argument("--empp-steps", type=int, default=None,
                     help="steps per stage for Expert Merging++ (default --steps; --steps/2 matches EM's total)")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--alpha0", type=float, default=None, help="override the method default (0.1)")
+    ap.add_argument("--gamma", type=float, default=None, help="override the method default (5)")
     ap.add_argument("--samples", type=int, default=128, help="calibration samples per task")
     ap.add_argument("--data", type=Path, default=mq.DATA)
     ap.add_argument("--memory", action="store_true", help="also measure learning-stage memory for 1/3/5 experts")
     ap.add_argument("--no-ablation", action="store_true")
+    ap.add_argument("--rows", default="em,empp", help="em,empp; empp alone also scores its stage 1 as EM")
     ap.add_argument("--publish-only", action="store_true", help="only re-insert cached rows into the results")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -203,14 +218,20 @@ def main() -> None:
             mq.finetune_expert(a.data, t)
         ev = mq.Evaluator(a.data, tasks)
     expert_acc = expert_accuracy(ev, tasks)
-    common = {"steps": a.steps, "batch_size": a.batch_size}
+    common = {"steps": a.steps, "batch_size": a.batch_size,
+              **({"alpha0": a.alpha0} if a.alpha0 is not None else {}),
+              **({"gamma": a.gamma} if a.gamma is not None else {})}
 
     def params(p: dict) -> dict:
         steps = a.empp_steps if p.get("chunked") and a.empp_steps else a.steps
         return {**common, **p, "steps": steps}
 
-    mine = [row(label, [run_one(a.data, tasks, key, params(p), s, a.samples, ev) for s in seeds],
-                seeds, tasks, expert_acc) for key, (label, p) in ROWS.items()]
+    runs = {key: [run_one(a.data, tasks, key, params(p), s, a.samples, ev) for s in seeds]
+            for key, (label, p) in ROWS.items() if key in a.rows.split(",")}
+    if "em" not in runs:  # EM++'s stage 1 is Expert Merging with the same settings: score that
+        runs = {"em": [{**r, "per_task": r["stage1_per_task"], "note": "stage 1 of the Expert Merging++ run"}
+                       for r in runs["empp"]], **runs}
+    mine = [row(ROWS[key][0], rs, seeds, tasks, expert_acc) for key, rs in runs.items()]
     ablation = [] if a.no_ablation else [
         row(label, [run_one(a.data, tasks, key, params(p), s, a.samples, ev) for s in abl_seeds],
             abl_seeds, tasks, expert_acc) for key, (label, p) in ABLATION.items()]

@@ -25,6 +25,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,18 +78,25 @@ def write_config(method: str, base: Path, experts: list[Path], path: Path) -> Pa
 
 
 def timed(cmd: list[str]) -> tuple[float, float, float]:
-    """Run a child to completion: (wall seconds, peak RSS in MB, CPU seconds user+system)."""
+    """Run a child to completion: (wall seconds, peak RSS in MB, CPU seconds user+system).
+
+    Peak RSS comes from /usr/bin/time (GNU time -f %M), not from our own wait4: Linux carries the
+    high-water RSS of the forking process into a forked child's ru_maxrss, so a child forked from
+    this (large, after comparisons) process would report at least our own RSS."""
     env = {**os.environ, "OMP_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS, "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out.decode(errors='replace')[-4000:]}")
-    return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", rss.name, *cmd], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed ({code}):\n{out.decode(errors='replace')[-4000:]}")
+        peak_kb = int(rss.read().split()[-1])
+    return wall, peak_kb / 1024, usage.ru_utime + usage.ru_stime
 
 
 def run_mergekit(config: Path, out: Path, shard_params: int) -> tuple[float, float, float]:
@@ -277,7 +285,7 @@ def main() -> None:
                       "max_bf16_ulps": round(cmp["max_bf16_ulps"], 3),
                       **{k: v for k, v in cmp.items() if k != "max_abs_diff"},
                       "alloy_cpu_s": round(ac, 2), "mergekit_cpu_s": round(mc, 2), "cpu_ratio": round(ac / mc, 3),
-                      "alloy_over_io_floor": round(aw / floor, 2), "runs": runs,
+                      "io_floor_s": round(floor, 3), "alloy_over_io_floor": round(aw / floor, 2), "runs": runs,
                       "load_avg_1min": round(os.getloadavg()[0], 1)})
         print(json.dumps(cases[-1]), flush=True)
     shutil.rmtree(work, ignore_errors=True)
@@ -288,6 +296,14 @@ def main() -> None:
               "command": "python benchmarks/static_vs_mergekit.py" + (" --quick" if args.quick else "")}
     # a --quick smoke run is not a result: it goes to the cache, not to benchmarks/results
     dest = CACHE / "static_vs_mergekit_quick.json" if args.quick else RESULTS / "static_vs_mergekit.json"
+    if dest.is_file() and set(args.methods.split(",")) != set(METHODS):
+        # a subset run replaces those methods' rows and keeps the others; each row keeps the I/O floor
+        # measured in its own run
+        old = json.loads(dest.read_text())
+        done = {c["method"] for c in cases}
+        cases[:0] = [c for c in old["cases"] if c["method"] not in done]
+        cases.sort(key=lambda c: list(METHODS).index(c["method"]))
+        result |= {"cases": cases, "io_floor_s": old["io_floor_s"]}
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(result, indent=2) + "\n")
     print("\n| method | Alloy s | mergekit s | wall ratio | CPU-time ratio | Alloy RSS MB | mergekit RSS MB | "

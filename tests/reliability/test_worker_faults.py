@@ -16,7 +16,7 @@ from tests.reliability.conftest import full_only, learned_spec, static_spec
 from tests.reliability.harness import Cluster, MemoryWatchdog, group_pids
 
 pytestmark = pytest.mark.integration
-STEPS = 40  # learning steps of the tiny model: long enough to be caught mid-learning
+STEPS = 60  # learning steps of the tiny model: long enough to be caught mid-learning
 
 
 def _calibration(c: Cluster, models: dict[str, Path]) -> dict[str, str]:
@@ -28,8 +28,7 @@ def _learning(c: Cluster, worker: str, ids: list[str], kills: Counter, max_kills
     yet (a killed attempt still reads `running` until its lease expires: its pid is gone)."""
     pids = set(group_pids(c.procs[worker].pid))
     jobs = [c.store.get_job(i) for i in ids]
-    mid = [j for j in jobs if j.state == "running" and j.stage == "learn" and (j.progress_step or 0) >= 1
-           and kills[j.id] < max_kills and j.worker and int(j.worker.rsplit(":", 1)[1]) in pids]
+    mid = [j for j in jobs if j.state == "running" and j.stage == "learn" and kills[j.id] < max_kills and j.worker and int(j.worker.rsplit(":", 1)[1]) in pids]
     return min(mid, key=lambda j: kills[j.id], default=None)
 
 
