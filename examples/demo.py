@@ -16,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "demo-out"
 MODELS = OUT / "models"
@@ -79,11 +77,7 @@ def service_demo() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALLOY_")}
     env.update(ALLOY_DATA_DIR=str(data), ALLOY_ALLOWED_ROOTS=f'["{OUT}"]', PYTHONUNBUFFERED="1",
                ALLOY_API_URL=f"http://127.0.0.1:{port}")
-    spec = OUT / "service-job.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": "demo-service", "method": "ties", "base": str(MODELS / "base"),
-        "experts": [{"model": str(MODELS / n)} for n in ("code", "math", "chat")],
-        "parameters": {"density": 0.5}, "publish": {"repo": "demo/merged-by-service"}}))
+    spec = ROOT / "examples" / "service-job.yaml"
     alloy = [sys.executable, "-m", "service.cli"]
     print(f"$ alloy up --port {port}", flush=True)
     up = subprocess.Popen(alloy + ["up", "--port", str(port)], env=env, cwd=ROOT, start_new_session=True,

@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -475,8 +475,3 @@ def copy_aux_files(src: str | Path, dst: str | Path, out_dtype: torch.dtype | No
             shutil.copyfile(src / fn, dst / fn)
             copied.append(fn)
     return copied
-
-
-def iter_tensors(reader: CheckpointReader) -> Iterator[tuple[str, torch.Tensor]]:
-    for n in reader.names():
-        yield n, reader.read(n)
