@@ -196,6 +196,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--alpha0", type=float, default=None, help="override the method default (0.1)")
     ap.add_argument("--gamma", type=float, default=None, help="override the method default (5)")
+    ap.add_argument("--warm-start", action="store_true", help="EM++ rows: stage 2 starts from stage 1")
     ap.add_argument("--samples", type=int, default=128, help="calibration samples per task")
     ap.add_argument("--data", type=Path, default=mq.DATA)
     ap.add_argument("--memory", action="store_true", help="also measure learning-stage memory for 1/3/5 experts")
@@ -224,7 +225,8 @@ def main() -> None:
 
     def params(p: dict) -> dict:
         steps = a.empp_steps if p.get("chunked") and a.empp_steps else a.steps
-        return {**common, **p, "steps": steps}
+        warm = {"warm_start": True} if a.warm_start and p.get("chunked") else {}
+        return {**common, **p, **warm, "steps": steps}
 
     runs = {key: [run_one(a.data, tasks, key, params(p), s, a.samples, ev) for s in seeds]
             for key, (label, p) in ROWS.items() if key in a.rows.split(",")}

@@ -181,7 +181,7 @@ def test_cancel_mid_learning(world):
 
 def test_killed_worker_job_is_retried_and_published_once(world):
     svc = world["svc"]
-    job = submit(svc, learned_spec(world, steps=4, publish={"repo": "acme/retried", "hub": "local"}))
+    job = submit(svc, learned_spec(world, steps=60, publish={"repo": "acme/retried", "hub": "local"}))
     wait_progress(svc, job["id"], "learn", 1)
     svc.procs.kill(svc.workers[0], signal.SIGKILL)  # the whole worker: parent and child
     svc.workers[0] = svc.start_worker("worker0")
