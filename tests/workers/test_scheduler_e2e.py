@@ -75,10 +75,13 @@ def test_new_expert_commit_triggers_exactly_one_republish(tmp_path, redis_url, h
         def runs() -> list[dict]:
             return svc.http.get(f"/v1/schedules/{sid}/runs", headers=auth()).json()["data"][::-1]
 
+        def with_job(rs: list[dict]) -> list[dict]:  # a run is recorded just before its job exists
+            return [r for r in rs if r["job_id"]]
+
         def jobs() -> list[dict]:
             return svc.http.get("/v1/jobs", headers=auth()).json()["data"][::-1]
 
-        first = wait_for("the first run", lambda: runs()[:1], procs=procs)[0]
+        first = wait_for("the first run", lambda: with_job(runs()[:1]), procs=procs)[0]
         assert first["reason"] == "first run" and first["n"] == 1
         job1 = svc.wait_state(first["job_id"], ("succeeded", "failed"), timeout=90)
         assert job1["state"] == "succeeded", job1["error"]
@@ -89,7 +92,7 @@ def test_new_expert_commit_triggers_exactly_one_republish(tmp_path, redis_url, h
         # the e1 team pushes a retrained expert
         retrained = make_experts(base, 1, tmp_path / "retrained", seed=7)[0]
         e1_v2 = hub_server.push_folder("org/e1", retrained, message="retrain e1")
-        second = wait_for("a run for the new commit", lambda: runs()[1:2], procs=procs)[0]
+        second = wait_for("a run for the new commit", lambda: with_job(runs()[1:2]), procs=procs)[0]
         assert second["n"] == 2 and second["changes"] == [
             {"role": "expert", "name": "e1", "ref": "org/e1", "from": e1_v1, "to": e1_v2}]
         job2 = svc.wait_state(second["job_id"], ("succeeded", "failed"), timeout=90)
