@@ -288,8 +288,9 @@ class Step:
         self.total += float(term.detach())
 
     def finish(self) -> None:
+        # tensors with a fixed coefficient (0 chunks) have a merged value that needs no gradient
         pairs = [(self._merged[n], p.grad) for n, p in self.params.items()
-                 if p.requires_grad and p.grad is not None]
+                 if p.requires_grad and p.grad is not None and self._merged[n].requires_grad]
         if pairs:
             torch.autograd.backward([m for m, _ in pairs], [g for _, g in pairs])
         self._merged = {}

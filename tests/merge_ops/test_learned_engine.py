@@ -209,3 +209,20 @@ def test_fit_accepts_whole_loss_style_and_stops_on_plateau():
     torch.testing.assert_close(engine.coefficients().detach().double(),
                                torch.tensor([[0.5, 0.5]], dtype=torch.float64), atol=0.1, rtol=0)
     assert res.losses[-1] < res.losses[0] / 2
+
+
+def test_fixed_coefficient_tensors_train_beside_chunked_ones():
+    """A tensor given 0 chunks keeps a fixed coefficient: the two-phase step must skip it, not fail."""
+    from merge_ops.learned.engine import MergeEngine, MergeInputs, Step
+
+    gen = torch.Generator().manual_seed(0)
+    base = {"a": torch.randn(4, 4, generator=gen), "b": torch.randn(4, generator=gen)}
+    tvs = {"a": 0.1 * torch.randn(2, 4, 4, generator=gen), "b": 0.1 * torch.randn(2, 4, generator=gen)}
+    inputs = MergeInputs(experts=["x", "y"], base=base, task_vectors=tvs)
+    groups = ParamGroups(inputs.merged_shapes(), "chunk", chunks={"a": 2, "b": 0})
+    engine = MergeEngine(inputs, groups, init=0.3, parameterisation="sigmoid")
+    step = Step(engine)
+    step.backward((step.params["a"] ** 2).sum() + (step.params["b"] ** 2).sum())
+    step.finish()
+    assert engine.raw.grad is not None and torch.isfinite(engine.raw.grad).all()
+    assert engine.raw.grad.abs().sum() > 0  # the chunked tensor's coefficients learn
