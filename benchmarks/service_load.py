@@ -146,6 +146,8 @@ def main() -> int:
                     help="instead of the timed load: submit N jobs at once, wait for all, report queue-to-start "
                          "latency and throughput (the reliability suite's 1,000-job burst)")
     ap.add_argument("--burst-connections", type=int, default=50)
+    ap.add_argument("--database-url", default=None,
+                    help="job store for the run (default: SQLite in the temp dir), e.g. an empty PostgreSQL db")
     args = ap.parse_args()
     args.out = args.out or ROOT / "benchmarks" / "results" / (
         "service_burst.json" if args.burst else "service_load.json")
@@ -160,6 +162,8 @@ def main() -> int:
         api = f"http://127.0.0.1:{port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("ALLOY_")}
         env.update(ALLOY_DATA_DIR=str(data), ALLOY_ALLOWED_ROOTS=json.dumps([str(data)]), ALLOY_LOG_LEVEL="WARNING")
+        if args.database_url:
+            env["ALLOY_DATABASE_URL"] = args.database_url
         up = subprocess.Popen([sys.executable, "-m", "service.cli", "up", "--port", str(port),
                                "--worker-concurrency", str(args.worker_concurrency)],
                               env=env, cwd=ROOT, start_new_session=True)
