@@ -5,18 +5,15 @@ Runs on SQLite, and on PostgreSQL too when ALLOY_TEST_POSTGRES_URL is set (in a 
 
 from __future__ import annotations
 
-import os
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from alembic import command
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine
 
-from service.migrate import alembic_config, upgrade
+from service.migrate import upgrade
 from service.store import IdempotencyConflict, NotCancellable, Store
+from tests.service.fixtures import PG, postgres_store
 
-PG = os.environ.get("ALLOY_TEST_POSTGRES_URL")
 SPEC = {"method": "task_arithmetic", "experts": [{"model": "org/a"}], "base": "org/base"}
 
 
@@ -39,22 +36,8 @@ def store(request, tmp_path):
         upgrade(url)
         yield Store(url, clock=clock, engine=create_engine(url))
         return
-    schema = f"alloy_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG)
-    with admin.begin() as c:
-        c.execute(text(f'CREATE SCHEMA "{schema}"'))
-    eng = create_engine(PG, connect_args={"options": f"-csearch_path={schema}"})
-    try:
-        cfg = alembic_config(PG)
-        with eng.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
-        yield Store(PG, clock=clock, engine=eng)
-    finally:
-        eng.dispose()
-        with admin.begin() as c:
-            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with postgres_store(clock, "alloy_test") as store:
+        yield store
 
 
 def new_job(store: Store, **kw):

@@ -3,27 +3,24 @@ with a stepped clock and fake hub heads: no real minutes pass, no network."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import threading
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from alembic import command
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 
-from service.migrate import alembic_config, upgrade
+from service.migrate import upgrade
 from service.models import Job
 from service.schedules.models import ScheduleRun
 from service.schedules.store import ScheduleStore
 from service.schedules.triggers import CronTrigger, RevisionTrigger, first_due
 from service.settings import Settings
 from service.store import Store
+from tests.service.fixtures import PG, postgres_store
 from workers.scheduler import Scheduler, SchedulerSettings
 
-PG = os.environ.get("ALLOY_TEST_POSTGRES_URL")
 on_both_databases = pytest.mark.parametrize("store", ["sqlite"] + (["postgresql"] if PG else []), indirect=True)
 TEMPLATE = {"method": "task_arithmetic", "base": "org/base",
             "experts": [{"model": "org/e1"}, {"model": "org/e2@dev"}], "parameters": {"lambda": 0.5},
@@ -72,22 +69,8 @@ def store(request, tmp_path, migrated_sqlite):
         shutil.copyfile(migrated_sqlite, tmp_path / "store.db")
         yield Store(f"sqlite:///{tmp_path / 'store.db'}", clock=clock)  # the service's engine (WAL)
         return
-    schema = f"alloy_sched_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG)
-    with admin.begin() as c:
-        c.execute(text(f'CREATE SCHEMA "{schema}"'))
-    eng = create_engine(PG, connect_args={"options": f"-csearch_path={schema}"})
-    try:
-        cfg = alembic_config(PG)
-        with eng.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
-        yield Store(PG, clock=clock, engine=eng)
-    finally:
-        eng.dispose()
-        with admin.begin() as c:
-            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with postgres_store(clock, "alloy_sched") as store:
+        yield store
 
 
 @pytest.fixture
