@@ -13,6 +13,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from merge_ops import cli as merge_cli
+    from service import cli_service
 
     p = argparse.ArgumentParser(
         prog="alloy",
@@ -21,12 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     merge_cli.register(sub)
-    try:
-        from service import cli_service
-    except ImportError:  # service commands not built yet
-        cli_service = None
-    if cli_service is not None:
-        cli_service.register(sub)
+    cli_service.register(sub)
     return p
 
 
