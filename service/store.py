@@ -131,18 +131,7 @@ class Store:
                   limit: int = 20) -> tuple[list[Job], bool]:
         """Newest first; `after` is the last job id of the previous page."""
         with self.tx() as s:
-            q = select(Job).order_by(Job.seq.desc()).limit(limit + 1)
-            if tenant is not None:
-                q = q.where(Job.tenant == tenant)
-            if state is not None:
-                q = q.where(Job.state == state)
-            if after is not None:
-                seq = s.scalar(select(Job.seq).where(Job.id == after))
-                if seq is None:
-                    return [], False
-                q = q.where(Job.seq < seq)
-            rows = list(s.scalars(q))
-        return rows[:limit], len(rows) > limit
+            return page(s, Job, tenant, after, limit, *([Job.state == state] if state is not None else []))
 
     def request_cancel(self, job_id: str, tenant: str | None) -> Job | None:
         """Queued → cancelled at once (no worker holds it); running → cancelling (the worker stops it).
@@ -376,16 +365,7 @@ class Store:
     def list_calibration_sets(self, tenant: str | None, *, after: str | None = None, limit: int = 20
                               ) -> tuple[list[CalibrationSet], bool]:
         with self.tx() as s:
-            q = select(CalibrationSet).order_by(CalibrationSet.seq.desc()).limit(limit + 1)
-            if tenant is not None:
-                q = q.where(CalibrationSet.tenant == tenant)
-            if after is not None:
-                seq = s.scalar(select(CalibrationSet.seq).where(CalibrationSet.id == after))
-                if seq is None:
-                    return [], False
-                q = q.where(CalibrationSet.seq < seq)
-            rows = list(s.scalars(q))
-        return rows[:limit], len(rows) > limit
+            return page(s, CalibrationSet, tenant, after, limit)
 
     def delete_calibration_set(self, set_id: str, tenant: str | None) -> CalibrationSet | None:
         with self.tx() as s:
@@ -396,3 +376,19 @@ class Store:
             if cs is not None:
                 s.execute(delete(CalibrationSet).where(CalibrationSet.id == set_id))
             return cs
+
+
+def page(s, model, tenant: str | None, after: str | None, limit: int, *where) -> tuple[list, bool]:
+    """One cursor page of `model` rows, newest first (by `seq`); `after` is the previous page's last id.
+
+    Returns (rows, has_more). An unknown cursor gives an empty page rather than restarting the list."""
+    q = select(model).order_by(model.seq.desc()).limit(limit + 1).where(*where)
+    if tenant is not None:
+        q = q.where(model.tenant == tenant)
+    if after is not None:
+        seq = s.scalar(select(model.seq).where(model.id == after))
+        if seq is None:
+            return [], False
+        q = q.where(model.seq < seq)
+    rows = list(s.scalars(q))
+    return rows[:limit], len(rows) > limit

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 
 from service.models import Job
 from service.schedules.models import Schedule, ScheduleRun
-from service.store import Store, new_id
+from service.store import Store, new_id, page
 
 
 def job_key(schedule_id: str, n: int) -> str:
@@ -60,16 +60,7 @@ class ScheduleStore:
              ) -> tuple[list[Schedule], bool]:
         """Newest first; `after` is the last id of the previous page."""
         with self.store.tx() as s:
-            q = select(Schedule).order_by(Schedule.seq.desc()).limit(limit + 1)
-            if tenant is not None:
-                q = q.where(Schedule.tenant == tenant)
-            if after is not None:
-                seq = s.scalar(select(Schedule.seq).where(Schedule.id == after))
-                if seq is None:
-                    return [], False
-                q = q.where(Schedule.seq < seq)
-            rows = list(s.scalars(q))
-        return rows[:limit], len(rows) > limit
+            return page(s, Schedule, tenant, after, limit)
 
     def update(self, schedule_id: str, tenant: str | None, **values: Any) -> Schedule | None:
         with self.store.tx() as s:
