@@ -12,8 +12,8 @@ task's test.jsonl). Calibration: the first `--samples` rows of each task's unlab
 Rows "Expert Merging" and "Expert Merging++" (means over seeds) are put into
 benchmarks/results/multitask_quality.json (other rows are left as they are: run multitask_quality.py
 first, then this; finished runs are cached, so `--publish-only` re-inserts them in seconds). The
-ablation (EM++ without the hidden loss, without the regulariser, with uniform chunks; EM; EM++ warm
-start) goes to benchmarks/results/expert_merging_ablation.json, together with the memory table
+ablation (EM++ without the hidden loss, without the regulariser, with uniform chunks, with the authors'
+cold stage 2; EM = the full run's stage 1) goes to benchmarks/results/expert_merging_ablation.json, together with the memory table
 (`--memory`: learning-stage peak RSS for 1..K of the given experts, each in a fresh process).
 """
 
@@ -41,7 +41,7 @@ ABLATION = {
     "empp_nohidden": ("− hidden-state loss", {"chunked": True, "hidden_layers": "none"}),
     "empp_noreg": ("− regulariser (γ 0)", {"chunked": True, "gamma": 0.0}),
     "empp_uniform": ("uniform chunks (κ 0, same budget)", {"chunked": True, "kappa": 0.0}),
-    "empp_warm": ("warm start from stage 1", {"chunked": True, "warm_start": True}),
+    "empp_cold": ("cold stage 2 (α₀ start, authors' code)", {"chunked": True, "warm_start": False}),
     "em": ("− chunking (= Expert Merging)", {}),
 }
 
@@ -122,21 +122,17 @@ def stage1_state(tasks: list[str], coeffs: dict[str, list[float]]) -> dict[str, 
 
 
 def expert_accuracy(ev: mq.Evaluator | None, tasks: list[str]) -> dict[str, float]:
-    cache = mq.CACHE / "em_evals.json"
-    evals = json.loads(cache.read_text()) if cache.exists() else {}
-    key = "experts|" + ",".join(tasks)
-    shared = mq.CACHE / "evals.json"  # multitask_quality.py caches each expert's accuracy as "experts|<task>"
-    if not isinstance(evals.get(key), dict) and shared.exists():
-        sh = json.loads(shared.read_text())
-        if all(isinstance(sh.get(f"experts|{t}"), float) for t in tasks):
-            evals[key] = {t: sh[f"experts|{t}"] for t in tasks}
-    if not isinstance(evals.get(key), dict):
+    """Each expert on its own task, from the cache multitask_quality.py keeps ("experts|<task>")."""
+    evals = json.loads(mq.EVALS.read_text()) if mq.EVALS.exists() else {}
+    missing = [t for t in tasks if not isinstance(evals.get(f"experts|{t}"), float)]
+    if missing:
         if ev is None:
             raise SystemExit("expert accuracies are not cached; run without --publish-only")
-        sds = {t: mq.split_heads(mq.load_st(mq.expert_dir(t) / "model.safetensors")) for t in tasks}
-        evals[key] = {t: ev.accuracy(sds[t][0], {t: sds[t][1]}, [t])[t] for t in tasks}
-    cache.write_text(json.dumps(evals, indent=1))
-    return evals[key]
+        for t in missing:
+            enc, head = mq.split_heads(mq.load_st(mq.expert_dir(t) / "model.safetensors"))
+            evals[f"experts|{t}"] = ev.accuracy(enc, {t: head}, [t])[t]
+        mq.EVALS.write_text(json.dumps(evals, indent=1))
+    return {t: evals[f"experts|{t}"] for t in tasks}
 
 
 def row(method: str, runs: list[dict], seeds: list[int], tasks: list[str], expert_acc: dict[str, float]) -> dict:
@@ -196,7 +192,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--alpha0", type=float, default=None, help="override the method default (0.1)")
     ap.add_argument("--gamma", type=float, default=None, help="override the method default (5)")
-    ap.add_argument("--warm-start", action="store_true", help="EM++ rows: stage 2 starts from stage 1")
+    ap.add_argument("--stage2-lr-scale", type=float, default=None,
+                    help="override the method default (0.1; runs cached before it existed used 1.0)")
     ap.add_argument("--samples", type=int, default=128, help="calibration samples per task")
     ap.add_argument("--data", type=Path, default=mq.DATA)
     ap.add_argument("--memory", action="store_true", help="also measure learning-stage memory for 1/3/5 experts")
@@ -221,12 +218,12 @@ def main() -> None:
     expert_acc = expert_accuracy(ev, tasks)
     common = {"steps": a.steps, "batch_size": a.batch_size,
               **({"alpha0": a.alpha0} if a.alpha0 is not None else {}),
-              **({"gamma": a.gamma} if a.gamma is not None else {})}
+              **({"gamma": a.gamma} if a.gamma is not None else {}),
+              **({"stage2_lr_scale": a.stage2_lr_scale} if a.stage2_lr_scale is not None else {})}
 
     def params(p: dict) -> dict:
         steps = a.empp_steps if p.get("chunked") and a.empp_steps else a.steps
-        warm = {"warm_start": True} if a.warm_start and p.get("chunked") else {}
-        return {**common, **p, **warm, "steps": steps}
+        return {**common, **p, "steps": steps}
 
     runs = {key: [run_one(a.data, tasks, key, params(p), s, a.samples, ev) for s in seeds]
             for key, (label, p) in ROWS.items() if key in a.rows.split(",")}
@@ -234,9 +231,13 @@ def main() -> None:
         runs = {"em": [{**r, "per_task": r["stage1_per_task"], "note": "stage 1 of the Expert Merging++ run"}
                        for r in runs["empp"]], **runs}
     mine = [row(ROWS[key][0], rs, seeds, tasks, expert_acc) for key, rs in runs.items()]
-    ablation = [] if a.no_ablation else [
-        row(label, [run_one(a.data, tasks, key, params(p), s, a.samples, ev) for s in abl_seeds],
-            abl_seeds, tasks, expert_acc) for key, (label, p) in ABLATION.items()]
+    def ablation_runs(key: str, p: dict) -> list[dict]:
+        if key == "em":  # the full EM++ run's stage 1 is this row: score it instead of re-learning it
+            return [{**r, "per_task": r["stage1_per_task"]} for r in ablation_runs("empp", ABLATION["empp"][1])]
+        return [run_one(a.data, tasks, key, params(p), s, a.samples, ev) for s in abl_seeds]
+
+    ablation = [] if a.no_ablation else [row(label, ablation_runs(key, p), abl_seeds, tasks, expert_acc)
+                                         for key, (label, p) in ABLATION.items()]
 
     # multitask_quality.json: replace our rows, keep everyone else's
     path = RESULTS / "multitask_quality.json"
@@ -252,13 +253,15 @@ def main() -> None:
 
     abl_path = RESULTS / "expert_merging_ablation.json"
     old = json.loads(abl_path.read_text()) if abl_path.exists() else {}
-    out = {"tasks": tasks, "seeds": seeds, "ablation_seeds": abl_seeds,
-           "config": {**common, "empp_steps_per_stage": params({"chunked": True})["steps"],
-                      "samples_per_task": a.samples, "max_length": mq.MAX_LEN,
-                      "defaults": "alpha0 0.1, T 1, hidden middle (index 3), gamma 5 (paper normalisation), "
-                                  "lr 0.5 AdamW wd 1e-5, cosine warm restarts T_0 50, clip 1.0, "
-                                  "chunk_budget 2.0, kappa 1.0"},
+    out_config = {**common, "empp_steps_per_stage": params({"chunked": True})["steps"],
+                  "samples_per_task": a.samples, "max_length": mq.MAX_LEN,
+                  "defaults": "alpha0 0.1, T 1, hidden middle (index 3), gamma 5 (paper normalisation), "
+                              "lr 0.5 AdamW wd 1e-5, cosine warm restarts T_0 50, clip 1.0, "
+                              "chunk_budget 2.0, kappa 1.0, warm_start true"}
+    out = {"tasks": tasks, "seeds": seeds, "ablation_seeds": abl_seeds, "config": out_config,
            "expert_accuracy": expert_acc, "rows": mine, "ablation": ablation or old.get("ablation", []),
+           # the ablation keeps the settings it ran with when only the main rows are re-run
+           "ablation_config": out_config if ablation else old.get("ablation_config", old.get("config")),
            "memory": memory_table(a.data, tasks) if a.memory else old.get("memory", [])}
     abl_path.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
 

@@ -6,7 +6,7 @@ embeddings, mean-pooled linear head) and cached under benchmarks/.cache, so reru
 Every merge is evaluated with each task's own head on that task's test.jsonl.
 
     .venv/bin/python benchmarks/multitask_quality.py [--tasks a,b] [--seeds 0,1,2] [--data DIR]
-        [--steps 500] [--rows experts,base,avg,ta,ties,ada_task,ada_layer,ada_pp]
+        [--steps 500] [--rows experts,base,avg,ta,ties,ada_task,ada_layer,ada_pp,ada_layer_official,ada_layer_d1]
 
 Writes benchmarks/results/multitask_quality.json ({"seeds", "tasks", "rows": [{"method", "avg_acc",
 "normalized", "per_task"}]}, means over seeds) and prints a markdown table. Learned merges only ever see
@@ -35,6 +35,8 @@ DATA = Path(os.environ.get("ALLOY_BENCH_DATA", ROOT.parent.parent / "shared" / "
 TASKS = ("sentiment", "supersense", "tweet_source", "fortune_topic", "language_id")
 MAX_LEN = 64
 HEAD = "classifier"  # expert checkpoints hold classifier.weight / classifier.bias beside the encoder
+# scores of the cached experts and of the static merges, kept with the experts: new experts, new scores
+EVALS = CACHE / "experts" / "evals.json"
 
 
 def base_dir() -> Path:
@@ -204,7 +206,9 @@ ADA = {"ada_task": ("task-wise AdaMerging", "task", False, {}),
        "ada_pp": ("layer-wise AdaMerging++", "layer", True, {}),
        # the collapse-guard ablation: the official loss (plain entropy, no per-task normalisation)
        "ada_layer_official": ("layer-wise AdaMerging, official loss (no guard)", "layer", False,
-                              {"diversity": 0.0, "normalize_entropy": False})}
+                              {"diversity": 0.0, "normalize_entropy": False}),
+       # the guard at the weight it had before the 5-task run showed it too weak
+       "ada_layer_d1": ("layer-wise AdaMerging, guard weight 1", "layer", False, {"diversity": 1.0})}
 
 
 def run_adamerging(data: Path, tasks: list[str], key: str, seed: int, cfg: dict, ev: Evaluator) -> dict:
@@ -257,11 +261,12 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--data", type=Path, default=DATA)
-    ap.add_argument("--rows", default="experts,base,avg,ta,ties,ada_task,ada_layer,ada_pp,ada_layer_official")
+    ap.add_argument("--rows", default="experts,base,avg,ta,ties,ada_task,ada_layer,ada_pp,ada_layer_official,"
+                                      "ada_layer_d1")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--diversity", type=float, default=1.0)
+    ap.add_argument("--diversity", type=float, default=3.0, help="collapse guard weight (method default 3)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "1")))
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "multitask_quality.json")
     a = ap.parse_args()
@@ -277,7 +282,7 @@ def main() -> None:
     expert_sd = {t: split_heads(load_st(expert_dir(t) / "model.safetensors")) for t in tasks}
     heads = {t: expert_sd[t][1] for t in tasks}
 
-    cache = CACHE / "evals.json"
+    cache = EVALS
     evals = json.loads(cache.read_text()) if cache.exists() else {}
 
     def cached(name: str, fn) -> dict[str, float]:  # static rows do not depend on the seed

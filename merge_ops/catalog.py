@@ -163,8 +163,9 @@ register(MethodDef(
         Param("plus", False, "AdaMerging++: learn over TIES-trimmed task vectors", type=bool),
         Param("plus_density", 0.2, "TIES keep fraction for AdaMerging++", min=0.0, max=1.0),
         Param("normalize_entropy", True, "divide each task's entropy by log(num_classes)", type=bool),
-        Param("diversity", 1.0, "weight of the batch-mean prediction entropy bonus (guards against a "
-              "head collapsing onto one class); 0 = the official loss", min=0.0),
+        Param("diversity", 3.0, "weight of the batch-mean prediction entropy bonus (guards against a "
+              "head collapsing onto one class; lower it for tasks with very skewed classes; causal LMs: 0 "
+              "unless set); 0 = the official loss", min=0.0),
     ),
     needs_calibration=True, min_experts=1,
 ))
@@ -195,8 +196,11 @@ register(MethodDef(
         Param("chunk_budget", 2.0, "Expert Merging++ total chunks B as a multiple of the number of "
               "merged tensors", min=0.0),
         Param("kappa", 1.0, "Expert Merging++ concentration: 0 = uniform chunks", min=0.0),
-        Param("warm_start", False, "Expert Merging++ stage 2 starts from the stage-1 coefficients "
-              "(false: from alpha0, as the authors' code)", type=bool),
+        Param("warm_start", True, "Expert Merging++ stage 2 starts from the stage-1 coefficients and "
+              "fixes m = 0 tensors at their stage-1 values (false: from alpha0, as the authors' code)",
+              type=bool),
+        Param("stage2_lr_scale", 0.1, "Expert Merging++ with warm_start: stage 2 learns at this × lr "
+              "(it refines stage 1; a cold stage 2 uses lr)", min=0.0),
     ),
     needs_calibration=True, min_experts=1,
 ))

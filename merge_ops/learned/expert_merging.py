@@ -28,9 +28,11 @@ The teachers are run once over their samples (teacher_cache.py) and freed before
 
 Expert Merging++ (`chunked`): after the layer-wise run, each tensor's importance
 I_ℓ = Norm(Σ_k |α_k^ℓ| · mean|τ_k^ℓ| · n_ℓ) sets its chunk count m_ℓ = ⌊B · I_ℓ^κ / Σ I^κ⌋
-(chunking.py), and a second run learns one coefficient per (expert, contiguous chunk). m_ℓ = 0 keeps
-a fixed coefficient: α₀ (the authors' code, default) or, with `warm_start`, the stage-1 value, and
-then stage-2 chunks also start from their tensor's stage-1 coefficient.
+(chunking.py), and a second run learns one coefficient per (expert, contiguous chunk). Default
+(`warm_start`): stage 2 refines stage 1 — each chunk starts at its tensor's stage-1 coefficient and
+m_ℓ = 0 tensors keep their stage-1 value, so stage 2 starts from the Expert Merging model instead of
+discarding it, and learns at `stage2_lr_scale` (0.1) × lr, as a refinement. `warm_start: false` is the authors' code: chunks start at α₀ and m_ℓ = 0 tensors are
+fixed at α₀.
 """
 
 from __future__ import annotations
@@ -188,8 +190,8 @@ def parse_layers(value: str, n_layers: int) -> list[int]:
 
 
 def _optimise(engine: MergeEngine, loss_fn: Objective, g, *, steps: int, ctx: JobContext, offset: int,
-              total: int) -> FitResult:
-    lr = float(g("lr"))
+              total: int, lr_scale: float = 1.0) -> FitResult:
+    lr = float(g("lr")) * lr_scale
     opt = torch.optim.AdamW(engine.parameters(), lr=lr, betas=(0.9, 0.999),
                             weight_decay=float(g("weight_decay")))
     sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
@@ -320,7 +322,10 @@ def run(ctx: JobContext) -> MethodResult:
         layerwise = engine.table()
         engine = stage_two(inputs, engine, plan, alpha0=alpha0, warm=bool(g("warm_start"))).to(ctx.device)
         obj = objective(engine)
-        res2 = _optimise(engine, obj, g, steps=steps, ctx=ctx, offset=steps, total=total)
+        # a warm stage 2 refines a finished model: a fresh AdamW at the full lr would first move every
+        # coefficient by ~lr in logit space, away from the stage-1 optimum
+        scale = float(g("stage2_lr_scale")) if g("warm_start") else 1.0
+        res2 = _optimise(engine, obj, g, steps=steps, ctx=ctx, offset=steps, total=total, lr_scale=scale)
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         chunking.plot_plan(imp, plan, ctx.out_dir / PLAN_PNG)
         artifacts["chunk_plan_png"] = PLAN_PNG

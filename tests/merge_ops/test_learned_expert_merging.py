@@ -237,7 +237,10 @@ def test_run_chunked_bert_releases_teachers_writes_checkpoint_plan_and_facts(ber
 
     monkeypatch.setattr(expert_merging, "build_teacher_cache", build)
     monkeypatch.setattr(expert_merging, "fit", fit)
-    spec = _spec(base, experts, cal, True, chunked=True, chunk_budget=1.0, kappa=2.0, steps=3, lr=0.3)
+    # cold stage 2 (the authors' code): m = 0 tensors are fixed at α₀, checked below; the warm default's
+    # values are checked in test_stage_two_cold_fixes_alpha0_and_warm_starts_at_the_stage_one_model
+    spec = _spec(base, experts, cal, True, chunked=True, chunk_budget=1.0, kappa=2.0, steps=3, lr=0.3,
+                 warm_start=False)
     out = run_merge(spec, tmp_path / "merged").out_dir
     assert len(refs) > 3 * 10  # every expert's own tensors were loaded (and watched) ...
     assert alive_at_fit == [0, 0]  # ... and none is alive when either learning stage starts
@@ -335,3 +338,19 @@ def test_stage_two_cold_fixes_alpha0_and_warm_starts_at_the_stage_one_model():
         if warm:
             rows = e2.coefficients().detach().double()
             assert torch.allclose(rows[:3], c1[s1.groups.slots["a"].row].expand(3, 2), atol=1e-7)
+
+
+@pytest.mark.parametrize(("warm", "want"), [(True, [0.3, 0.075]), (False, [0.3, 0.3])])
+def test_warm_stage_two_learns_at_the_scaled_lr(bert, tmp_path, monkeypatch, warm, want):
+    base, experts, cal = bert
+    lrs: list[float] = []
+    real = expert_merging.fit
+
+    def fit(engine, loss_fn, **kw):
+        lrs.append(kw["optimizer"].param_groups[0]["initial_lr"])
+        return real(engine, loss_fn, **kw)
+
+    monkeypatch.setattr(expert_merging, "fit", fit)
+    expert_merging.run(_ctx(tmp_path / "out", base, experts, cal, True, chunked=True, steps=2, lr=0.3,
+                            warm_start=warm, stage2_lr_scale=0.25))
+    assert lrs == pytest.approx(want)
