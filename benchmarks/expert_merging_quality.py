@@ -65,8 +65,8 @@ def run_one(data: Path, tasks: list[str], key: str, params: dict, seed: int, sam
     from merge_ops.job import JobContext, ResolvedModel
     from merge_ops.learned import expert_merging
 
-    tag = "em-" + key + "-" + "-".join(f"{k}{v}" for k, v in sorted(params.items())) + \
-          f"-s{seed}-c{samples}-{'_'.join(tasks)}"
+    # keyed on the settings, not the row name: rows and ablation variants that run the same merge share it
+    tag = "em-" + "-".join(f"{k}{v}" for k, v in sorted(params.items())) + f"-s{seed}-c{samples}-{'_'.join(tasks)}"
     out = mq.CACHE / "runs" / tag
     done = out / "bench_result.json"
     if done.exists():
@@ -193,7 +193,7 @@ def main() -> None:
     ap.add_argument("--alpha0", type=float, default=None, help="override the method default (0.1)")
     ap.add_argument("--gamma", type=float, default=None, help="override the method default (5)")
     ap.add_argument("--stage2-lr-scale", type=float, default=None,
-                    help="override the method default (0.1; runs cached before it existed used 1.0)")
+                    help="override the method default (0.1)")
     ap.add_argument("--samples", type=int, default=128, help="calibration samples per task")
     ap.add_argument("--data", type=Path, default=mq.DATA)
     ap.add_argument("--memory", action="store_true", help="also measure learning-stage memory for 1/3/5 experts")

@@ -218,7 +218,10 @@ def run_adamerging(data: Path, tasks: list[str], key: str, seed: int, cfg: dict,
 
     label, gran, plus, override = ADA[key]
     cfg = {**cfg, **override}
-    tag = f"{key}-s{seed}-n{cfg['steps']}-b{cfg['batch_size']}-lr{cfg['lr']}-d{cfg['diversity']}-{'_'.join(tasks)}"
+    # the cache is keyed on what is computed, not on the row: rows that run the same merge share it
+    raw = "" if cfg.get("normalize_entropy", True) else "-raw"
+    tag = (f"{gran}{'-pp' if plus else ''}-s{seed}-n{cfg['steps']}-b{cfg['batch_size']}-lr{cfg['lr']}"
+           f"-d{cfg['diversity']}{raw}-{'_'.join(tasks)}")
     out = CACHE / "runs" / tag
     done = out / "bench_result.json"
     if done.exists():
@@ -282,14 +285,13 @@ def main() -> None:
     expert_sd = {t: split_heads(load_st(expert_dir(t) / "model.safetensors")) for t in tasks}
     heads = {t: expert_sd[t][1] for t in tasks}
 
-    cache = EVALS
-    evals = json.loads(cache.read_text()) if cache.exists() else {}
+    evals = json.loads(EVALS.read_text()) if EVALS.exists() else {}
 
     def cached(name: str, fn) -> dict[str, float]:  # static rows do not depend on the seed
         key = f"{name}|{','.join(tasks)}"
         if key not in evals:
             evals[key] = fn()
-            cache.write_text(json.dumps(evals, indent=1))
+            EVALS.write_text(json.dumps(evals, indent=1))
         return evals[key]
 
     def per_task(name: str, fn) -> dict[str, float]:  # rows whose score on a task ignores the others
@@ -298,7 +300,7 @@ def main() -> None:
             key = f"{name}|{t}"
             if key not in evals:
                 evals[key] = fn(t)
-                cache.write_text(json.dumps(evals, indent=1))
+                EVALS.write_text(json.dumps(evals, indent=1))
             out[t] = evals[key]
         return out
 

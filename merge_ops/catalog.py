@@ -163,9 +163,10 @@ register(MethodDef(
         Param("plus", False, "AdaMerging++: learn over TIES-trimmed task vectors", type=bool),
         Param("plus_density", 0.2, "TIES keep fraction for AdaMerging++", min=0.0, max=1.0),
         Param("normalize_entropy", True, "divide each task's entropy by log(num_classes)", type=bool),
-        Param("diversity", 3.0, "weight of the batch-mean prediction entropy bonus (guards against a "
-              "head collapsing onto one class; lower it for tasks with very skewed classes; causal LMs: 0 "
-              "unless set); 0 = the official loss", min=0.0),
+        Param("diversity", None, "weight of the batch-mean prediction entropy bonus (guards against a "
+              "head collapsing onto one class; lower it for tasks with very skewed classes); default "
+              "(null): 3 for classification heads, 0 for causal LMs; 0 = the official loss",
+              nullable=True, min=0.0),
     ),
     needs_calibration=True, min_experts=1,
 ))

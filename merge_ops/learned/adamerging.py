@@ -10,15 +10,16 @@ every input (entropy 0), which is what sank a binary sentiment head in an earlie
 defaults guard against it:
   * each task's entropy is divided by log(num_classes), so a 2-class head (max entropy 0.69) does
     not pull differently from an 8-class one (2.08), and no task dominates the sum;
-  * `diversity` (default 3.0) subtracts that many times the entropy of the batch-mean prediction
-    (also normalised): predicting one class for the whole batch is then penalised, confident *and*
-    varied predictions are rewarded (information maximisation, weighted towards the marginal).
+  * `diversity` (default 3.0 for classifier heads) subtracts that many times the entropy of the
+    batch-mean prediction (also normalised): predicting one class for the whole batch is then
+    penalised, confident *and* varied predictions are rewarded (information maximisation, weighted
+    towards the marginal).
     Why 3 and not the usual 1: with five experts the task-arithmetic start already leaves the binary
     sentiment head predicting one class for 91% of inputs; at weight 1 entropy minimisation finishes
     the collapse (share 1.0, its coefficient driven to 0), at 3 it pulls the head back (see
     benchmarks/README.md). It assumes no class is very rare in a task's calibration set. Causal LMs
-    default to 0 (plain next-token entropy) unless the spec sets it. `diversity: 0, normalize_entropy: false`
-    is the official loss exactly.
+    default to 0 (plain next-token entropy). `diversity: 0, normalize_entropy: false` is the official
+    loss exactly.
 The largest share of any one predicted class per task (over the last steps) is reported in the
 metrics (`class_share_max`), so a collapse is visible in every job.
 """
@@ -45,6 +46,10 @@ from merge_ops.learned.engine import (
 from merge_ops.learned.groups import ParamGroups
 from merge_ops.learned.outputs import write_outputs
 from merge_ops.spec import parse_size
+
+# Over a vocabulary the batch-mean next-token distribution is near-uniform anyway, and at this weight
+# that term would drown the entropy signal: causal LMs default to 0.
+CLASSIFIER_DIVERSITY = 3.0
 
 
 def entropy_loss(logits: torch.Tensor, *, normalize: bool = True, diversity: float = 0.0) -> torch.Tensor:
@@ -93,11 +98,10 @@ def run(ctx: JobContext) -> MethodResult:
                                samples_per_task=cal_spec.samples_per_task if cal_spec else None,
                                seed=spec.seed)
     sampler = BatchSampler(samples, int(g("batch_size")), seed=spec.seed, pad_id=adapter.pad_id())
-    normalize, diversity = bool(g("normalize_entropy")), float(g("diversity"))
-    if isinstance(adapter, CausalLM) and "diversity" not in spec.parameters:
-        # the guard is for classifier heads: over a vocabulary the batch-mean next-token distribution is
-        # near-uniform anyway, and at weight 3 that term would drown the entropy signal
-        diversity = 0.0
+    normalize, diversity = bool(g("normalize_entropy")), g("diversity")
+    if diversity is None:  # auto: the guard is for classifier heads
+        diversity = 0.0 if isinstance(adapter, CausalLM) else CLASSIFIER_DIVERSITY
+    diversity = float(diversity)
     steps = int(g("steps"))
     window = max(1, steps // 10)
     counts = {n: torch.zeros(0) for n in names}

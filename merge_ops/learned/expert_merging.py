@@ -29,10 +29,10 @@ The teachers are run once over their samples (teacher_cache.py) and freed before
 Expert Merging++ (`chunked`): after the layer-wise run, each tensor's importance
 I_ℓ = Norm(Σ_k |α_k^ℓ| · mean|τ_k^ℓ| · n_ℓ) sets its chunk count m_ℓ = ⌊B · I_ℓ^κ / Σ I^κ⌋
 (chunking.py), and a second run learns one coefficient per (expert, contiguous chunk). Default
-(`warm_start`): stage 2 refines stage 1 — each chunk starts at its tensor's stage-1 coefficient and
-m_ℓ = 0 tensors keep their stage-1 value, so stage 2 starts from the Expert Merging model instead of
-discarding it, and learns at `stage2_lr_scale` (0.1) × lr, as a refinement. `warm_start: false` is the authors' code: chunks start at α₀ and m_ℓ = 0 tensors are
-fixed at α₀.
+(`warm_start`): stage 2 refines stage 1 — each chunk starts at its tensor's stage-1 coefficient,
+m_ℓ = 0 tensors keep their stage-1 value, and it learns at `stage2_lr_scale` (0.1) × lr, so it starts
+from the Expert Merging model instead of discarding it. `warm_start: false` is the authors' code:
+chunks start at α₀, m_ℓ = 0 tensors are fixed at α₀, and stage 2 learns at the full lr.
 """
 
 from __future__ import annotations
