@@ -11,7 +11,7 @@ LayerWiseAdaMergingAlgorithm.test_time_adaptation: per task `backward(retain_gra
 Dropout is off on both sides (eval mode) so the two are the same function; FusionBench runs with
 strict=False (as its shipped configs): BERT's non-persistent buffers are not in its state dict.
 
-    .venv/bin/python benchmarks/fusionbench_adamerging.py [--steps 20] [--batch-size 16] [--lr 1e-3]
+    .venv/bin/python benchmarks/fusionbench_adamerging.py [--steps 20] [--batch-size 16] [--lr 1e-3] [--padded-too]
 
 Writes benchmarks/results/fusionbench_adamerging.json:
 {"alloy_acc", "fusionbench_acc", "step_time_ratio", "peak_mem_ratio", ...} (ratios are Alloy / FusionBench).
@@ -74,12 +74,12 @@ def side(which: str, cfg: dict) -> None:
     base_rss = reset_peak()
     times: list[float] = []
     losses: list[float] = []
-    if which == "alloy":
+    if which.startswith("alloy"):
         from merge_ops.learned.adapters import build_adapter
         from merge_ops.learned.engine import MergeEngine, Step, load_merge_inputs
         from merge_ops.learned.groups import ParamGroups
 
-        adapter = build_adapter(base_dir, torch.float32)
+        adapter = build_adapter(base_dir, torch.float32, packing=which == "alloy")
         inputs = load_merge_inputs(base_dir, experts, tasks, task_specific=[r"^classifier\."],
                                    only=adapter.used)
         adapter.bind(inputs.base)
@@ -151,7 +151,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "1")))
     ap.add_argument("--tasks", default="sentiment,supersense,tweet_source,fortune_topic,language_id")
-    ap.add_argument("--side", choices=("alloy", "fusionbench"), help=argparse.SUPPRESS)
+    ap.add_argument("--padded-too", action="store_true",
+                    help="also time Alloy with sequence packing off (a third process): what packing buys")
+    ap.add_argument("--side", choices=("alloy", "alloy-padded", "fusionbench"), help=argparse.SUPPRESS)
     ap.add_argument("--cfg", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "fusionbench_adamerging.json")
     a = ap.parse_args()
@@ -187,7 +189,10 @@ def main() -> None:
            "experts": [str(mq.expert_dir(t)) for t in tasks]}
     env = {**os.environ, "PYTHONPATH": str(ROOT.parent)}
     res = {}
-    for which, py in (("fusionbench", PEERS_PY), ("alloy", Path(sys.executable))):
+    sides = [("fusionbench", PEERS_PY), ("alloy", Path(sys.executable))]
+    if a.padded_too:
+        sides.append(("alloy-padded", Path(sys.executable)))
+    for which, py in sides:
         t0 = time.time()
         subprocess.run([str(py), __file__, "--side", which, "--cfg", json.dumps(cfg)], check=True, env=env)
         res[which] = json.loads((WORK / f"{which}.json").read_text())
@@ -195,7 +200,7 @@ def main() -> None:
               f"({time.time() - t0:.0f}s)", flush=True)
     ev = mq.Evaluator(mq.DATA, tasks)
     heads = {t: mq.split_heads(mq.load_st(mq.expert_dir(t) / "model.safetensors"))[1] for t in tasks}
-    acc = {w: ev.accuracy(mq.load_st(WORK / f"{w}_merged.safetensors"), heads) for w in res}
+    acc = {w: ev.accuracy(mq.load_st(WORK / f"{w}_merged.safetensors"), heads) for w in ("alloy", "fusionbench")}
     avg = {w: sum(v.values()) / len(v) for w, v in acc.items()}
     doc = {
         "alloy_acc": round(avg["alloy"], 4), "fusionbench_acc": round(avg["fusionbench"], 4),
@@ -206,6 +211,9 @@ def main() -> None:
         "alloy_peak_mib": round(res["alloy"]["peak_mib"], 1), "fusionbench_peak_mib": round(res["fusionbench"]["peak_mib"], 1),
         "per_task": {w: {t: round(x, 4) for t, x in v.items()} for w, v in acc.items()},
         "final_loss": {w: round(r["losses"][-1], 5) for w, r in res.items()},
+        **({"step_time_ratio_padded": round(res["alloy-padded"]["step_seconds"]
+                                            / res["fusionbench"]["step_seconds"], 3),
+            "alloy_padded_step_seconds": round(res["alloy-padded"]["step_seconds"], 3)} if a.padded_too else {}),
         "max_abs_loss_diff": round(max(abs(x - y) for x, y in zip(res["alloy"]["losses"], res["fusionbench"]["losses"],
                                                                 strict=True)), 6),
         "config": {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "init": 0.3, "clamp": True,

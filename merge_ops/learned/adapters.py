@@ -11,6 +11,10 @@ scores.
                        task-specific tensors: one 2-D `*weight` [C, hidden] and optionally a `*bias`.
     CausalLM           HF *ForCausalLM: next-token distributions at every real (unmasked) position.
                        Task-specific tensors, if any, must be module tensors (e.g. a per-task lm_head).
+
+Batches of mixed lengths run packed (packing.py: short rows share a row, so padding costs no
+compute) where the architecture passes a one-off probe showing that packed and padded give the same
+outputs; otherwise padded, as given.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch.func import functional_call
 
 from merge_ops.errors import CheckpointError, SpecError
 from merge_ops.learned.calibration import Batch
+from merge_ops.learned.packing import Packing, pack
 
 
 @dataclass
@@ -35,8 +40,10 @@ class Output:
 class Adapter:
     kind = "base"
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, packing: bool = True):
         self.module = module.eval()  # eval: no dropout, so a step is a deterministic function of c
+        self._packs = None if packing else False  # None: probe on first use
+        self.dtype = next(module.parameters()).dtype
         for p in module.parameters():
             p.requires_grad_(False)
         self.names = set(module.state_dict())
@@ -52,11 +59,44 @@ class Adapter:
         """Whether the architecture reads this checkpoint tensor (others cannot be learned)."""
         return name in self.names
 
-    def _call(self, params: dict[str, torch.Tensor], batch: Batch, hidden: bool) -> object:
+    causal = False
+
+    def _call(self, params: dict[str, torch.Tensor], batch: Batch, hidden: bool, packing: Packing | None
+              ) -> object:
         p = {n: t for n, t in params.items() if n in self.names}
-        return functional_call(self.module, p, args=(),
-                               kwargs={"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-                                       "output_hidden_states": hidden}, strict=False)
+        kwargs: dict[str, object] = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                                     "output_hidden_states": hidden}
+        if packing is not None:
+            kwargs.update(input_ids=packing.input_ids, position_ids=packing.position_ids,
+                          attention_mask=packing.attention_mask(self.dtype, self.causal))
+        return functional_call(self.module, p, args=(), kwargs=kwargs, strict=False)
+
+    def _packing(self, batch: Batch) -> Packing | None:
+        if self._packs is None:
+            self._packs = self._probe_packing()
+        return pack(batch.input_ids, batch.attention_mask, self.pad_id()) if self._packs else None
+
+    @torch.no_grad()
+    def _probe_packing(self) -> bool:
+        """Run a 3-row probe batch packed and padded on the module's own (base) tensors: packing is
+        used only if the two agree, so an architecture that ignores position ids or 4-D masks is
+        still run correctly (padded)."""
+        from merge_ops.learned.calibration import collate
+
+        vocab = int(getattr(self.module.config, "vocab_size", 8) or 8)
+        rows = [[(7 * i + j) % (vocab - 1) + 1 for j in range(n)] for i, n in enumerate([6, 2, 3])]
+        batch = collate(rows, self.pad_id())
+        pk = pack(batch.input_ids, batch.attention_mask, self.pad_id())
+        try:
+            padded = self._call({}, batch, True, None)
+            packed = self._call({}, batch, True, pk)
+        except (TypeError, ValueError, RuntimeError, IndexError):
+            return False
+        m = batch.attention_mask.bool()
+        a = padded.hidden_states[-1][m]  # type: ignore[attr-defined]
+        b = pk.tokens(packed.hidden_states[-1])  # type: ignore[attr-defined, union-attr]
+        tol = 1e-4 * (1 + float(a.abs().max()))
+        return a.shape == b.shape and bool(torch.allclose(a.float(), b.float(), rtol=1e-3, atol=tol))
 
     def forward(self, params: dict[str, torch.Tensor], head: dict[str, torch.Tensor], batch: Batch,
                 hidden: bool = False) -> Output:
@@ -72,17 +112,22 @@ class EncoderClassifier(Adapter):
 
     def forward(self, params: dict[str, torch.Tensor], head: dict[str, torch.Tensor], batch: Batch,
                 hidden: bool = False) -> Output:
-        out = self._call(params, batch, hidden)
+        pk = self._packing(batch)
+        out = self._call(params, batch, hidden, pk)
         h = out.last_hidden_state  # type: ignore[attr-defined]
+        hs = out.hidden_states if hidden else None  # type: ignore[attr-defined]
+        if pk is not None:
+            h = pk.unpack(h)
+            hs = tuple(pk.unpack(x) for x in hs) if hs is not None else None
         m = batch.attention_mask.unsqueeze(-1).to(h.dtype)
         pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
         w, b = _linear_head(head)
-        return Output(torch.nn.functional.linear(pooled, w, b),
-                      out.hidden_states if hidden else None)  # type: ignore[attr-defined]
+        return Output(torch.nn.functional.linear(pooled, w, b), hs)
 
 
 class CausalLM(Adapter):
     kind = "causal_lm"
+    causal = True
 
     def forward(self, params: dict[str, torch.Tensor], head: dict[str, torch.Tensor], batch: Batch,
                 hidden: bool = False) -> Output:
@@ -90,9 +135,12 @@ class CausalLM(Adapter):
         if unknown:
             raise SpecError(f"task-specific tensor {unknown[0]!r} is not part of the causal LM",
                             param="task_specific")
-        out = self._call({**params, **head}, batch, hidden)
-        logits = out.logits  # type: ignore[attr-defined]
-        return Output(logits[batch.attention_mask.bool()], out.hidden_states if hidden else None)  # type: ignore[attr-defined]
+        pk = self._packing(batch)
+        out = self._call({**params, **head}, batch, hidden, pk)
+        logits, hs = out.logits, out.hidden_states if hidden else None  # type: ignore[attr-defined]
+        if pk is None:
+            return Output(logits[batch.attention_mask.bool()], hs)
+        return Output(pk.tokens(logits), tuple(pk.unpack(x) for x in hs) if hs is not None else None)
 
 
 def _linear_head(head: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -104,7 +152,8 @@ def _linear_head(head: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     return head[ws[0]], head[bs[0]] if bs else None
 
 
-def build_adapter(base_dir: Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> Adapter:
+def build_adapter(base_dir: Path, dtype: torch.dtype, device: str | torch.device = "cpu", *,
+                  packing: bool = True) -> Adapter:
     """CausalLM for configs whose architectures name a *ForCausalLM, else EncoderClassifier."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -121,4 +170,4 @@ def build_adapter(base_dir: Path, dtype: torch.dtype, device: str | torch.device
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"transformers cannot build the architecture of {base_dir}: {e}",
                               param=str(base_dir)) from None
-    return (CausalLM if causal else EncoderClassifier)(module)
+    return (CausalLM if causal else EncoderClassifier)(module, packing)
