@@ -4,7 +4,7 @@ An adapter owns one instance of the base architecture, built from the base's con
 own tensors are the base's (assigned, not copied) and frozen. `forward(params, head, batch)` runs it
 through `torch.func.functional_call` with the merged (or an expert's) parameters and a task's own
 task-specific tensors, and returns `Output(logits [N, C], hidden)`: one row per prediction the loss
-scores.
+scores; `hidden` holds the asked layers' states at the real tokens.
 
     EncoderClassifier  HF encoder (BertModel, ...) + a per-task linear head on mean-pooled tokens
                        (the sentence-transformers convention). The head is the task's
@@ -20,6 +20,7 @@ outputs; otherwise padded, as given.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,11 +35,13 @@ from merge_ops.learned.packing import Packing, pack
 @dataclass
 class Output:
     logits: torch.Tensor  # [N, C]
-    hidden: tuple[torch.Tensor, ...] | None = None  # HF hidden_states ([0] = embeddings), if asked
+    # per asked layer (HF hidden_states index, 0 = embeddings): [n_real, H], real tokens in batch order
+    hidden: tuple[torch.Tensor, ...] | None = None
 
 
 class Adapter:
     kind = "base"
+    causal = False
 
     def __init__(self, module: torch.nn.Module, packing: bool = True):
         self.module = module.eval()  # eval: no dropout, so a step is a deterministic function of c
@@ -58,8 +61,6 @@ class Adapter:
     def used(self, name: str) -> bool:
         """Whether the architecture reads this checkpoint tensor (others cannot be learned)."""
         return name in self.names
-
-    causal = False
 
     def _call(self, params: dict[str, torch.Tensor], batch: Batch, hidden: bool, packing: Packing | None
               ) -> object:
@@ -98,8 +99,24 @@ class Adapter:
         tol = 1e-4 * (1 + float(a.abs().max()))
         return a.shape == b.shape and bool(torch.allclose(a.float(), b.float(), rtol=1e-3, atol=tol))
 
+    def _run(self, params: dict[str, torch.Tensor], batch: Batch, layers: Sequence[int]
+             ) -> tuple[object, Callable[[torch.Tensor], torch.Tensor]]:
+        """The model's output on the batch (packed where it can be) and `tokens`, which maps a
+        [rows, width, ...] output to its real tokens in batch order: [n_real, ...]."""
+        pk = self._packing(batch)
+        out = self._call(params, batch, bool(layers), pk)
+        if pk is not None:
+            return out, pk.tokens
+        mask = batch.attention_mask.bool()
+        return out, lambda x: x[mask]
+
+    @staticmethod
+    def _hidden(out: object, tokens: Callable[[torch.Tensor], torch.Tensor], layers: Sequence[int]
+                ) -> tuple[torch.Tensor, ...] | None:
+        return tuple(tokens(out.hidden_states[j]) for j in layers) if layers else None  # type: ignore[attr-defined]
+
     def forward(self, params: dict[str, torch.Tensor], head: dict[str, torch.Tensor], batch: Batch,
-                hidden: bool = False) -> Output:
+                layers: Sequence[int] = ()) -> Output:
         raise NotImplementedError
 
     def pad_id(self) -> int:
@@ -111,18 +128,15 @@ class EncoderClassifier(Adapter):
     kind = "encoder"
 
     def forward(self, params: dict[str, torch.Tensor], head: dict[str, torch.Tensor], batch: Batch,
-                hidden: bool = False) -> Output:
-        pk = self._packing(batch)
-        out = self._call(params, batch, hidden, pk)
-        h = out.last_hidden_state  # type: ignore[attr-defined]
-        hs = out.hidden_states if hidden else None  # type: ignore[attr-defined]
-        if pk is not None:
-            h = pk.unpack(h)
-            hs = tuple(pk.unpack(x) for x in hs) if hs is not None else None
-        m = batch.attention_mask.unsqueeze(-1).to(h.dtype)
-        pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+                layers: Sequence[int] = ()) -> Output:
+        out, tokens = self._run(params, batch, layers)
+        h = tokens(out.last_hidden_state)  # type: ignore[attr-defined]
+        lengths = batch.attention_mask.sum(1)
+        row = torch.repeat_interleave(torch.arange(len(lengths), device=h.device), lengths)
+        pooled = h.new_zeros(len(lengths), h.shape[-1]).index_add(0, row, h)  # mean over each row's tokens
+        pooled = pooled / lengths.clamp_min(1).unsqueeze(1).to(h.dtype)
         w, b = _linear_head(head)
-        return Output(torch.nn.functional.linear(pooled, w, b), hs)
+        return Output(torch.nn.functional.linear(pooled, w, b), self._hidden(out, tokens, layers))
 
 
 class CausalLM(Adapter):
@@ -130,17 +144,13 @@ class CausalLM(Adapter):
     causal = True
 
     def forward(self, params: dict[str, torch.Tensor], head: dict[str, torch.Tensor], batch: Batch,
-                hidden: bool = False) -> Output:
+                layers: Sequence[int] = ()) -> Output:
         unknown = [n for n in head if n not in self.names]
         if unknown:
             raise SpecError(f"task-specific tensor {unknown[0]!r} is not part of the causal LM",
                             param="task_specific")
-        pk = self._packing(batch)
-        out = self._call({**params, **head}, batch, hidden, pk)
-        logits, hs = out.logits, out.hidden_states if hidden else None  # type: ignore[attr-defined]
-        if pk is None:
-            return Output(logits[batch.attention_mask.bool()], hs)
-        return Output(pk.tokens(logits), tuple(pk.unpack(x) for x in hs) if hs is not None else None)
+        out, tokens = self._run({**params, **head}, batch, layers)
+        return Output(tokens(out.logits), self._hidden(out, tokens, layers))  # type: ignore[attr-defined]
 
 
 def _linear_head(head: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -49,7 +49,7 @@ from merge_ops.errors import SpecError
 from merge_ops.job import JobContext, MethodResult
 from merge_ops.learned import chunking
 from merge_ops.learned.adapters import Adapter, EncoderClassifier, Output, build_adapter
-from merge_ops.learned.calibration import Batch, load_calibration
+from merge_ops.learned.calibration import load_calibration
 from merge_ops.learned.engine import FitResult, MergeEngine, MergeInputs, Step, fit, load_merge_inputs
 from merge_ops.learned.groups import ParamGroups
 from merge_ops.learned.outputs import write_outputs
@@ -73,16 +73,16 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def alignment_loss(out: Output, batch: Batch, tgt: Targets, *, layers: Sequence[int], temperature: float,
-                   hidden_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logit loss, weighted hidden loss) of one task's batch against its cached teacher targets."""
+def alignment_loss(out: Output, tgt: Targets, *, temperature: float, hidden_weight: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logit loss, weighted hidden loss) of one task's batch against its cached teacher targets
+    (`out.hidden`: the student's states at the cached layers, real tokens only, as `tgt.hidden`)."""
     logit = soft_ce(out.logits, tgt.logits, temperature)
     hidden = torch.zeros((), device=logit.device)
-    if layers and hidden_weight:
-        mask = batch.attention_mask.bool()
+    if out.hidden and hidden_weight:
         hs = []
-        for j, h in zip(layers, tgt.hidden, strict=True):
-            sh = _wide(out.hidden[j][mask])  # type: ignore[index]
+        for sh, h in zip(out.hidden, tgt.hidden, strict=True):
+            sh = _wide(sh)
             hs.append(F.mse_loss(sh, h.to(sh.dtype)))
         hidden = hidden_weight * torch.stack(hs).mean()
     return logit, hidden
@@ -116,9 +116,8 @@ class Objective:
         parts = {"logit": 0.0, "hidden": 0.0}
         for k, task in enumerate(experts):
             batch, tgt = self.cache.batch(task, self.sampler.next(task), self.device)
-            out = self.adapter.forward(s.params, e.inputs.heads.get(task, {}), batch,
-                                       hidden=bool(self.cache.layers))
-            lg, hd = alignment_loss(out, batch, tgt, layers=self.cache.layers, temperature=self.temperature,
+            out = self.adapter.forward(s.params, e.inputs.heads.get(task, {}), batch, layers=self.cache.layers)
+            lg, hd = alignment_loss(out, tgt, temperature=self.temperature,
                                     hidden_weight=self.hidden_weight)
             s.backward(self.beta[k] * (lg + hd) / len(experts))
             parts["logit"] += float(lg.detach()) / len(experts)

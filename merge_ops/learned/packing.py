@@ -6,8 +6,8 @@ right-padded batch into as few rows of the same width as first-fit-decreasing fi
 gets position ids that restart at every sequence and a block-diagonal attention mask (lower-triangular
 inside each block for causal models), so every token sees exactly what it saw in its own padded row:
 the same function, in fewer rows. Padding positions attend only to themselves (a fully masked row
-would put NaN into the backward pass). `Packing.tokens` / `Packing.unpack` put outputs back in the
-batch's layout. Whether a model honours position ids and a 4-D mask is checked once per adapter on a
+would put NaN into the backward pass). `Packing.tokens` gives an output's real tokens in batch order,
+which is all a loss reads. Whether a model honours position ids and a 4-D mask is checked once per adapter on a
 probe batch (adapters.py); a model that does not runs padded batches as before.
 """
 
@@ -24,8 +24,6 @@ class Packing:
     position_ids: torch.Tensor  # [P, W], restarting at 0 for each packed sequence
     segments: torch.Tensor  # [P, W]: original row index; -1 - column on padding
     src: torch.Tensor  # [n_real] flat packed position of each real token, row-major in batch order
-    dst: torch.Tensor  # [n_real] flat position of that token in the padded [B, T] layout
-    shape: tuple[int, int]  # (B, T) of the padded batch
 
     def attention_mask(self, dtype: torch.dtype, causal: bool) -> torch.Tensor:
         """Additive [P, 1, W, W] mask: 0 where a query may attend a key, dtype's minimum elsewhere."""
@@ -40,12 +38,6 @@ class Packing:
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """[P, W, ...] → [n_real, ...]: real tokens in batch order (= padded[attention_mask])."""
         return x.flatten(0, 1)[self.src]
-
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """[P, W, ...] → [B, T, ...] in the padded layout, zeros at padding."""
-        b, t = self.shape
-        flat = x.new_zeros((b * t, *x.shape[2:]))
-        return flat.index_copy(0, self.dst, self.tokens(x)).view(b, t, *x.shape[2:])
 
 
 def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int = 0) -> Packing | None:
@@ -85,5 +77,4 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int = 0)
             start[r] = j * t + at
             at += n
     src = torch.cat([torch.arange(start[r], start[r] + ls[r]) for r in range(b)]).to(dev)
-    dst = torch.cat([torch.arange(r * t, r * t + ls[r]) for r in range(b)]).to(dev)
-    return Packing(ids, pos, seg, src, dst, (b, t))
+    return Packing(ids, pos, seg, src)

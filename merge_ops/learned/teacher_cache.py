@@ -107,12 +107,11 @@ def build_teacher_cache(adapter: Adapter, expert_dirs: Mapping[str, Path], heads
         with torch.no_grad():
             for s in range(0, len(tc.samples), batch_size):
                 batch = collate(tc.samples[s: s + batch_size], pad).to(device)
-                out = adapter.forward(params, heads.get(task, {}), batch, hidden=bool(layers))
-                mask = batch.attention_mask.bool()
+                out = adapter.forward(params, heads.get(task, {}), batch, layers=layers)
                 lens = batch.attention_mask.sum(1).tolist()
                 per_row = lens if isinstance(adapter, CausalLM) else [1] * len(lens)
                 tc.logits += [_store(x) for x in out.logits.split(per_row)]
-                hs = [out.hidden[j][mask].split(lens) for j in layers] if layers else []  # type: ignore[index]
+                hs = [h.split(lens) for h in out.hidden] if out.hidden else []
                 tc.hidden += [[_store(h[r]) for h in hs] for r in range(len(lens))]
                 del out
         tasks[task] = tc

@@ -107,8 +107,8 @@ def test_loss_equals_float64_hand_computation(bert, monkeypatch):
     joint = expert_merging.regulariser(engine.coefficients(), torch.tensor(a0, dtype=torch.float64)) * gamma
     for k, t in enumerate(tasks):
         batch, tgt = cache.batch(t, joint_sampler.next(t))
-        out = adapter.forward(params, inputs.heads[t], batch, hidden=True)
-        lg, hd = expert_merging.alignment_loss(out, batch, tgt, layers=layers, temperature=T, hidden_weight=hw)
+        out = adapter.forward(params, inputs.heads[t], batch, layers=layers)
+        lg, hd = expert_merging.alignment_loss(out, tgt, temperature=T, hidden_weight=hw)
         joint = joint + beta[k] * (lg + hd) / 3
     joint.backward()
     torch.testing.assert_close(grad, engine.raw.grad, rtol=1e-6, atol=1e-9)
@@ -167,8 +167,8 @@ def test_causal_lm_alignment_is_token_level_over_real_tokens(llama):
                          parameterisation="none")
     idx = [0, 5, 7, 2]  # lengths 2, 3, 3, 4: right padding inside the batch
     batch, tgt = cache.batch("x", idx)
-    out = adapter.forward(engine.merged_params(), {}, batch, hidden=True)
-    lg, hd = expert_merging.alignment_loss(out, batch, tgt, layers=[1], temperature=1.0, hidden_weight=1.0)
+    out = adapter.forward(engine.merged_params(), {}, batch, layers=[1])
+    lg, hd = expert_merging.alignment_loss(out, tgt, temperature=1.0, hidden_weight=1.0)
     p = tgt.logits.float().softmax(-1)
     entropy = -(p * p.log()).sum(-1).mean()
     assert float(hd.detach()) < 1e-6
