@@ -28,10 +28,12 @@ def num_layers(names: Iterable[str]) -> int:
 def depth_fraction(name: str, n_layers: int) -> float:
     """Position t in [0, 1] used to interpolate gradient parameters, as mergekit does.
 
-    Block i of L gets i/(L-1). Tensors outside blocks follow mergekit's planner: those before the
-    blocks (embeddings) get 0, those after (final norm, lm_head, classifier) get 1.
+    Block i of L gets i/(L-1) (1 for a one-block model). Tensors outside blocks get 0, before the
+    blocks (embeddings) *and* after them (final norm, lm_head, classifier): mergekit's planner
+    (`MergePlanner.plan_module`, 0.1.5) reads both with a config reader built at t = 0. Checked against
+    mergekit itself in `benchmarks/static_vs_mergekit.py --gradient`.
     """
     i = layer_index(name)
     if i is None:
-        return 0.0 if "embed" in name else 1.0
+        return 0.0
     return i / (n_layers - 1) if n_layers > 1 else 1.0

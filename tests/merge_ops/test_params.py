@@ -39,7 +39,7 @@ def test_layer_positions():
     assert depth_fraction(names[0], 4) == 0.0  # before the blocks
     assert depth_fraction(names[2], 4) == 1.0
     assert depth_fraction("model.layers.1.x", 4) == pytest.approx(1 / 3)
-    assert depth_fraction(names[3], 4) == 1.0  # after the blocks
+    assert depth_fraction(names[3], 4) == 0.0  # after the blocks: t = 0, as mergekit 0.1.5
     assert layer_index("encoder.layer.11.output.dense.weight") == 11
 
 
