@@ -15,22 +15,19 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service import errors, routes_calibration, routes_jobs
+from jobs.queue import EnqueueFn, producer, send, warm_up
+from jobs.settings import Settings, get_settings
+from jobs.store import Store
+from service import errors, routes_calibration, routes_jobs, routes_schedules
 from service.metrics import LatencyMiddleware, make_registry
-from service.schedules import routes as routes_schedules
-from service.settings import Settings, get_settings
-from service.store import Store
 
 
-def _celery_enqueue(settings: Settings) -> tuple[Callable[[str, str], None], Callable[[], None]]:
-    from workers.app import enqueue, make_app, warm_up  # celery and kombu only: no torch
-
-    celery_app = make_app(settings)
-    return (lambda job_id, queue: enqueue(job_id, queue, celery_app)), (lambda: warm_up(celery_app))
+def _celery_enqueue(settings: Settings) -> tuple[EnqueueFn, Callable[[], None]]:
+    app = producer(settings)
+    return (lambda job_id, queue: send(job_id, queue, app)), (lambda: warm_up(app))
 
 
-def create_app(settings: Settings | None = None, *,
-               enqueue: Callable[[str, str], None] | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, enqueue: EnqueueFn | None = None) -> FastAPI:
     """`enqueue` sends a job's wake-up (default: the Celery app)."""
     settings = settings or get_settings()
     logging.basicConfig(level=settings.log_level)

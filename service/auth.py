@@ -13,8 +13,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from jobs.settings import Settings, hash_token
 from service.errors import ApiError
-from service.settings import Settings, hash_token
 
 bearer = HTTPBearer(auto_error=False, description="an API token configured in ALLOY_TOKENS")
 

@@ -1,8 +1,9 @@
 """`alloy`: the command line. Merge commands run in-process; service commands start processes.
 
 Each group of commands lives beside what it drives and registers itself here:
-merge_ops/cli.py (merge, methods), service/cli_service.py (serve, worker, up, submit, ...).
-Heavy imports happen inside the commands, so `alloy --help` is instant.
+merge_ops/cli.py (merge, methods), service/cli_service.py (serve, worker, reaper, scheduler, migrate,
+up, submit) and service/cli_schedules.py (schedules). Heavy imports happen inside the commands, so
+`alloy --help` is instant.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from merge_ops import cli as merge_cli
-    from service import cli_service
+    from service import cli_schedules, cli_service
 
     p = argparse.ArgumentParser(
         prog="alloy",
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     merge_cli.register(sub)
     cli_service.register(sub)
+    cli_schedules.register(sub)
     return p
 
 

@@ -1,4 +1,8 @@
-"""Service commands: `alloy serve | worker | reaper | migrate | up | submit`.
+"""Service commands: `alloy serve | worker | reaper | scheduler | migrate | up | submit`.
+
+The worker-side processes (worker, reaper, scheduler) are started, never imported: each has its own
+`python -m workers.<module>` entry point, and `alloy worker|reaper|scheduler` replaces itself with
+it (exec), so signals reach the process itself and the API side never loads worker code.
 
 `alloy up` is the laptop setup: a redis-server child (unless ALLOY_REDIS_URL is set), migrations,
 then the API, one worker, the reaper and the scheduler as child processes, each in its own process
@@ -18,7 +22,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+from jobs.queue import CPU, QUEUES, parse_queues
+from jobs.states import SUCCEEDED, TERMINAL
+from service.api_client import add_client_args, api_error, client_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,13 +38,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run a Celery worker")
-    p.add_argument("--queues", default="cpu", help="comma-separated: cpu, gpu (default: cpu)")
+    p.add_argument("--queues", default=CPU, help=f"comma-separated: {', '.join(QUEUES)} (default: {CPU})")
     p.add_argument("--concurrency", type=int, default=1, help="jobs at once (GPU workers: always 1)")
     p.add_argument("--name", default=None, help="Celery node name (default: alloy-<queues>@<host>)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("reaper", help="requeue jobs of dead workers, re-send lost messages, deliver webhooks")
     p.set_defaults(func=cmd_reaper)
+
+    p = sub.add_parser("scheduler", help="run the scheduler loop (any number may run; each run fires once)")
+    p.set_defaults(func=cmd_scheduler)
 
     p = sub.add_parser("migrate", help="create or upgrade the job store's tables (Alembic)")
     p.add_argument("--revision", default="head")
@@ -51,25 +62,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("submit", help="submit a spec to the API; --wait follows its progress")
     p.add_argument("spec", type=Path)
     p.add_argument("--wait", action="store_true", help="follow the event stream until the job ends")
-    p.add_argument("--api", default=None, help="API URL (default: $ALLOY_API_URL or http://127.0.0.1:8000)")
-    p.add_argument("--token", default=None, help="API token (default: $ALLOY_API_TOKEN or the `alloy up` token)")
+    add_client_args(p)
     p.add_argument("--idempotency-key", default=None)
     p.set_defaults(func=cmd_submit)
-
-    from service.schedules.cli import register as register_schedules  # `schedules` and `scheduler`
-
-    register_schedules(sub)
 
 
 # -- long-running processes ------------------------------------------------------------------------
 def _settings():
-    from service.settings import get_settings
+    from jobs.settings import get_settings
 
     return get_settings()
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from service.migrate import upgrade
+    from jobs.migrate import upgrade
 
     upgrade(_settings().database_url, args.revision)
     print(f"database at revision {args.revision}")
@@ -80,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     if not args.skip_migrate:
-        from service.migrate import upgrade
+        from jobs.migrate import upgrade
 
         upgrade(_settings().database_url)
     uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port,
@@ -88,45 +94,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def worker_process(module: str, *args: str) -> list[str]:
+    """The argv of a worker-side process (workers/<module>.py): started, never imported from here."""
+    return [sys.executable, "-m", f"workers.{module}", *args]
+
+
+def _exec(argv: list[str]) -> NoReturn:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)
+
+
+def _worker_args(queues: str, concurrency: int, name: str | None = None) -> list[str]:
+    from merge_ops.errors import InputError
+
+    try:
+        names = parse_queues(queues)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return ["--queues", ",".join(names), "--concurrency", str(concurrency)] + (["--name", name] if name else [])
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
-    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
-    bad = [q for q in queues if q not in ("cpu", "gpu")]
-    if bad or not queues:
-        from merge_ops.errors import InputError
-
-        raise InputError(f"--queues: unknown queue(s) {bad}; use cpu, gpu or cpu,gpu")
-    from workers.app import app
-
-    argv = ["worker", "-Q", ",".join(queues), "-P", "prefork", "--prefetch-multiplier=1",
-            "--without-gossip", "--without-mingle", "-l", _settings().log_level,
-            "-n", args.name or f"alloy-{'-'.join(queues)}-{os.getpid()}@%h"]
-    if "gpu" in queues:
-        # one job per process on GPU workers: a fresh child per job releases the CUDA context
-        argv += ["-c", "1", "--max-tasks-per-child=1"]
-    else:
-        argv += ["-c", str(args.concurrency)]
-    app.worker_main(argv)
-    return 0
+    _exec(worker_process("worker", *_worker_args(args.queues, args.concurrency, args.name)))
 
 
 def cmd_reaper(args: argparse.Namespace) -> int:
-    from workers.reaper import run_forever
-
-    return run_until_signalled(run_forever)
+    _exec(worker_process("reaper"))
 
 
-def run_until_signalled(loop) -> int:
-    """Run a `loop(settings, stop_event)` service loop until SIGTERM or SIGINT sets the event."""
-    import logging
-    import threading
-
-    s = _settings()
-    logging.basicConfig(level=s.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    loop(s, stop)
-    return 0
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    _exec(worker_process("scheduler"))
 
 
 def free_port() -> int:
@@ -177,7 +175,7 @@ def wait_http(url: str, timeout: float, procs: list[subprocess.Popen] = ()) -> N
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from service.migrate import upgrade
+    from jobs.migrate import upgrade
 
     s = _settings()
     data = s.data_dir.resolve()
@@ -203,14 +201,18 @@ def cmd_up(args: argparse.Namespace) -> int:
                                            "scopes": ["jobs:read", "jobs:write", "admin"]}])
     env.setdefault("ALLOY_DATA_DIR", str(data))
     upgrade(s.database_url)
-    cli = [sys.executable, "-m", "service.cli"]
+    children = {
+        "api": [sys.executable, "-m", "service.cli", "serve", "--skip-migrate", "--host", args.host,
+                "--port", str(args.port)],
+        "worker": worker_process("worker", *_worker_args(CPU, args.worker_concurrency)),
+        "reaper": worker_process("reaper"),
+        "scheduler": worker_process("scheduler"),
+    }
+    names: dict[int, str] = {}
     try:
-        procs.append(_spawn(cli + ["serve", "--skip-migrate", "--host", args.host, "--port", str(args.port)],
-                            env, logs / "api.log"))
-        procs.append(_spawn(cli + ["worker", "--concurrency", str(args.worker_concurrency)], env,
-                            logs / "worker.log"))
-        procs.append(_spawn(cli + ["reaper"], env, logs / "reaper.log"))
-        procs.append(_spawn(cli + ["scheduler"], env, logs / "scheduler.log"))
+        for name, argv in children.items():
+            procs.append(_spawn(argv, env, logs / f"{name}.log"))
+            names[procs[-1].pid] = name
         wait_http(f"http://{args.host}:{args.port}/healthz", 60, procs)
         print(f"Alloy is up: http://{args.host}:{args.port} (docs: /docs); logs in {logs}", flush=True)
         if not os.environ.get("ALLOY_TOKENS"):
@@ -221,8 +223,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         while not stopping["flag"]:
             dead = [p for p in procs if p.poll() is not None]
             if dead:
-                print(f"alloy up: a child exited ({dead[0].args[3:5]}, code {dead[0].returncode}); "
-                      f"stopping. See {logs}", file=sys.stderr)
+                print(f"alloy up: a child exited ({names.get(dead[0].pid, dead[0].args[0])}, code "
+                      f"{dead[0].returncode}); stopping. See {logs}", file=sys.stderr)
                 return 1
             time.sleep(0.5)
         return 0
@@ -244,34 +246,13 @@ def _dev_token(data: Path) -> str:
 
 
 # -- client ----------------------------------------------------------------------------------------
-def _client_config(args: argparse.Namespace) -> tuple[str, str]:
-    api = (args.api or os.environ.get("ALLOY_API_URL") or "http://127.0.0.1:8000").rstrip("/")
-    token = args.token or os.environ.get("ALLOY_API_TOKEN")
-    if not token:
-        path = _settings().data_dir / "dev-token"
-        if path.is_file():
-            token = path.read_text().strip()
-    if not token:
-        from merge_ops.errors import InputError
-
-        raise InputError("no API token: pass --token or set ALLOY_API_TOKEN")
-    return api, token
-
-
-def _api_error(r) -> str:
-    try:
-        return r.json()["error"]["message"]
-    except Exception:
-        return r.text[:500]
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
     import httpx
 
     from merge_ops.errors import InputError
     from merge_ops.spec import load_spec
 
-    api, token = _client_config(args)
+    api, token = client_config(args)
     spec = load_spec(args.spec)
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=api, headers=headers, timeout=30) as c:
@@ -282,19 +263,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
                     r = c.post("/v1/calibration-sets", params={"name": Path(src).name},
                                content=Path(src).read_bytes(), headers={"content-type": "application/x-ndjson"})
                     if r.status_code != 201:
-                        raise InputError(f"calibration {src}: {_api_error(r)}")
+                        raise InputError(f"calibration {src}: {api_error(r)}")
                     body["calibration"]["tasks"][task] = r.json()["id"]
         extra = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
         r = c.post("/v1/jobs", json=body, headers=extra)
         if r.status_code != 202:
-            raise InputError(f"the API refused the job ({r.status_code}): {_api_error(r)}")
+            raise InputError(f"the API refused the job ({r.status_code}): {api_error(r)}")
         job = r.json()
         print(f"job {job['id']} {job['state']}", flush=True)
         if not args.wait:
             return 0
         final = follow(c, job["id"])
     print(f"job {final['id']} {final['state']}")
-    if final["state"] == "succeeded":
+    if final["state"] == SUCCEEDED:
         pub = (final.get("result") or {}).get("published")
         if pub:
             print("published: " + ", ".join(f"{k}={v}" for k, v in pub.items() if v is not None))
@@ -343,7 +324,7 @@ def follow(c, job_id: str) -> dict[str, Any]:
                                 tqdm.write(f"state: {data['state']}")
                         ev = {}
                 job = c.get(f"/v1/jobs/{job_id}").json()
-                if job["state"] in ("succeeded", "failed", "cancelled"):
+                if job["state"] in TERMINAL:
                     return job
             except httpx.TransportError:
                 time.sleep(1)  # API restarting: resume from the last event id

@@ -35,7 +35,7 @@ def install(app: FastAPI) -> None:
     async def _api(_: Request, e: ApiError) -> JSONResponse:
         return problem(e.status, e.code, e.message, e.headers)
 
-    @app.exception_handler(AlloyError)
+    @app.exception_handler(AlloyError)  # incl. jobs.admission.AdmissionError: 422 invalid_spec
     async def _alloy(_: Request, e: AlloyError) -> JSONResponse:
         return problem(422, e.code, e.message)
 

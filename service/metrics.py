@@ -9,10 +9,11 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.store import Store
+from jobs.queue import QUEUES
+from jobs.states import JOB_STATES
+from jobs.store import Store
 
 DURATION_BUCKETS = [1, 5, 15, 60, 300, 900, 3600, 4 * 3600]
-STATES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
 
 
 def queue_depth(redis_client, queue: str) -> int:
@@ -22,13 +23,13 @@ def queue_depth(redis_client, queue: str) -> int:
 
 
 class StoreCollector:
-    def __init__(self, store: Store, redis_client, queues: tuple[str, ...] = ("cpu", "gpu")):
+    def __init__(self, store: Store, redis_client, queues: tuple[str, ...] = QUEUES):
         self.store, self.redis, self.queues = store, redis_client, queues
 
     def collect(self):
         states = GaugeMetricFamily("alloy_jobs", "jobs by state", labels=["state"])
         counts = self.store.count_by_state()
-        for s in STATES:
+        for s in JOB_STATES:
             states.add_metric([s], counts.get(s, 0))
         yield states
         h = HistogramMetricFamily("alloy_job_duration_seconds", "run time of succeeded jobs",

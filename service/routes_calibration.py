@@ -1,13 +1,13 @@
 """/v1/calibration-sets: upload unlabelled JSONL once, reference it by id from job specs.
 
-Each line is a JSON object with `text` (a non-empty string) or `input_ids` (a list of integers);
+Each line is a JSON object with `text` (a non-empty string), `input_ids` (a list of token ids) or
+`input` (a list of numbers, for OT fusion of MLP/CNN models): the rows of merge_ops/calibration.py;
 blank lines are skipped. The body is streamed to disk and refused with 413 past the size limit.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Annotated
@@ -15,12 +15,14 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
+from jobs.models import CalibrationSet
+from jobs.store import new_id
+from merge_ops.calibration import validate_upload
+from merge_ops.errors import CalibrationError
 from service.auth import Reader, Writer
 from service.errors import ApiError
-from service.models import CalibrationSet
 from service.routes_jobs import ERRORS
 from service.schemas import CalibrationSetList, CalibrationSetOut, calibration_out
-from service.store import new_id
 
 router = APIRouter(prefix="/v1/calibration-sets", tags=["calibration sets"])
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {
@@ -28,33 +30,11 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {
 
 
 def validate_jsonl(path: Path) -> int:
-    """Count the samples; ApiError(422) naming the first bad line."""
-    n = 0
-    with path.open("rb") as f:
-        for i, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ApiError(422, "invalid_calibration", f"line {i}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise ApiError(422, "invalid_calibration", f"line {i}: expected a JSON object")
-            text, ids = row.get("text"), row.get("input_ids")
-            if text is not None:
-                if not isinstance(text, str) or not text.strip():
-                    raise ApiError(422, "invalid_calibration", f"line {i}: `text` must be a non-empty string")
-            elif ids is not None:
-                if not isinstance(ids, list) or not ids or not all(
-                        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
-                    raise ApiError(422, "invalid_calibration",
-                                   f"line {i}: `input_ids` must be a non-empty list of non-negative integers")
-            else:
-                raise ApiError(422, "invalid_calibration", f"line {i}: needs a `text` or `input_ids` field")
-            n += 1
-    if n == 0:
-        raise ApiError(422, "invalid_calibration", "the calibration set is empty: send one JSON object per line")
-    return n
+    """Count the samples; ApiError(422) naming the first bad line (merge_ops' one row parser)."""
+    try:
+        return validate_upload(path)
+    except CalibrationError as e:
+        raise ApiError(422, "invalid_calibration", e.message) from None
 
 
 @router.post("", status_code=201, response_model=CalibrationSetOut, openapi_extra=UPLOAD_BODY,

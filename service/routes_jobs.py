@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,17 +11,18 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 
-from merge_ops.refs import parse_model_ref
+from jobs.admission import check_admission
+from jobs.job_view import JobOut, job_out
+from jobs.models import Job
+from jobs.queue import queue_for, wake
+from jobs.settings import Settings
+from jobs.states import TERMINAL, JobState
+from jobs.store import IdempotencyConflict, NotCancellable, Store
 from merge_ops.spec import MergeSpec
 from service.auth import Principal, Reader, Writer
 from service.errors import ApiError
-from service.models import TERMINAL, Job
-from service.schemas import JobList, JobOut, JobState, Problem, job_out
-from service.settings import Settings
-from service.store import IdempotencyConflict, NotCancellable, Store
-from service.webhooks import url_problem
+from service.schemas import JobList, Problem
 
-log = logging.getLogger("alloy.api")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 MAX_EVENT_ID = 2**63 - 1  # event ids are BIGINT
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -44,40 +44,14 @@ def _job_or_404(request: Request, job_id: str, p: Principal) -> Job:
     return job
 
 
-def check_service_rules(spec: MergeSpec, tenant: str, store: Store, settings: Settings) -> None:
-    """What a spec may ask of the service beyond its own validation (422 otherwise)."""
-    refs = ([spec.base] if spec.base else []) + [e.model for e in spec.experts]
-    for ref in refs:
-        r = parse_model_ref(ref)
-        if r.local_path is not None:
-            p = Path(r.local_path.removeprefix("file://")).expanduser()
-            if not p.is_absolute() or not any(p.resolve().is_relative_to(root) for root in settings.roots):
-                raise ApiError(422, "invalid_spec", f"{ref!r}: local model folders must be absolute paths "
-                               "under the server's allowed roots (ALLOY_ALLOWED_ROOTS); or use a hub id")
-    if spec.calibration is not None:
-        for task, set_id in spec.calibration.tasks.items():
-            if store.get_calibration_set(set_id, tenant) is None:
-                raise ApiError(422, "invalid_spec", f"calibration.tasks.{task}: no calibration set "
-                               f"{set_id!r}; upload one with POST /v1/calibration-sets and use its id")
-    if spec.notify is not None:
-        why = url_problem(spec.notify.url, settings.webhook_allow)
-        if settings.webhook_secret is None:
-            why = "webhooks are disabled on this server (no ALLOY_WEBHOOK_SECRET): remove `notify`"
-        if why:
-            raise ApiError(422, "invalid_spec", why)
-    if spec.publish is not None and spec.publish.hub == "hf" and tenant not in settings.hub_tokens:
-        raise ApiError(422, "invalid_spec", "publish.hub is `hf` but no hub token is configured for "
-                       "this tenant (ask the operator to set ALLOY_HUB_TOKENS)")
-
-
 @router.post("", status_code=202, response_model=JobOut, responses=ERRORS,
              summary="Submit a merge job (body: a MergeSpec)")
 def submit(spec: MergeSpec, request: Request, response: Response, p: Writer,
            idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
     """Validate fully, record the job as `queued`, and wake a worker. Returns 202 and `Location`."""
     store, settings = _store(request), _settings(request)
-    check_service_rules(spec, p.tenant, store, settings)
-    queue = settings.queue_for(spec.method_def().queue)
+    check_admission(spec, p.tenant, store, settings)
+    queue = queue_for(spec.method_def(), settings)
     try:
         job, created = store.create_job(tenant=p.tenant, spec=spec.model_dump(mode="json"),
                                         method=spec.method, queue=queue, idempotency_key=idempotency_key,
@@ -86,11 +60,7 @@ def submit(spec: MergeSpec, request: Request, response: Response, p: Writer,
         raise ApiError(409, "idempotency_conflict", f"Idempotency-Key was already used for job {e} with a "
                        "different body: use a new key for a different job") from None
     if created:
-        try:
-            request.app.state.enqueue(job.id, queue)
-        except Exception:  # the job is recorded; the reaper sends its message when the broker is back
-            log.warning("job %s: broker unavailable, left for the reaper", job.id, exc_info=True)
-            store.mark_enqueued(job.id, sent=False)
+        wake(store, request.app.state.enqueue, job.id, queue)
     else:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/jobs/{job.id}"

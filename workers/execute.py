@@ -14,16 +14,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from merge_ops.errors import AlloyError, CalibrationError, Cancelled
+from jobs.queue import GPU
+from jobs.settings import Settings, worker_name
+from jobs.states import CANCELLED, FAILED, SUCCEEDED
+from jobs.store import Store
+from merge_ops.errors import AlloyError, Cancelled
+from merge_ops.sources import scrub
 from merge_ops.spec import MergeSpec
-from service.settings import Settings, worker_name
-from service.store import Store
 
 log = logging.getLogger("alloy.worker")
 
 
 class Reporter:
-    """progress() and cancel_requested() for run_merge: throttled DB writes, a heartbeat thread."""
+    """The job's progress-and-cancel channel (merge_ops.context.Channel): progress() and
+    cancel_requested() as throttled, fenced writes to the job store, plus a heartbeat thread."""
 
     def __init__(self, store: Store, job_id: str, attempt: int, settings: Settings):
         self.store, self.job_id, self.attempt, self.s = store, job_id, attempt, settings
@@ -82,12 +86,8 @@ class Reporter:
 
 
 def redact(text: str, settings: Settings) -> str:
-    """Hub tokens must never reach a job record: scrub them from any message we store."""
-    for tok in settings.hub_tokens.values():
-        v = tok.get_secret_value()
-        if v:
-            text = text.replace(v, "***")
-    return text
+    """Hub tokens must never reach a job record: scrub every tenant's from any message we store."""
+    return scrub(text, *(tok.get_secret_value() for tok in settings.hub_tokens.values()))
 
 
 def run_job(job_id: str, store: Store, settings: Settings) -> str:
@@ -113,7 +113,7 @@ def run_job(job_id: str, store: Store, settings: Settings) -> str:
         shutil.rmtree(work, ignore_errors=True)  # the hub holds it now; coefficients were copied out
     else:
         result["output"] = str((work / "model").resolve())  # unpublished: the only copy stays here
-    if store.finish(job_id, attempt, "succeeded", result=result):
+    if store.finish(job_id, attempt, SUCCEEDED, result=result):
         log.info("job %s succeeded", job_id)
         return "succeeded"
     return "fenced"
@@ -121,7 +121,7 @@ def run_job(job_id: str, store: Store, settings: Settings) -> str:
 
 def _record_failure(store: Store, settings: Settings, job_id: str, attempt: int, e: Exception) -> str:
     if isinstance(e, Cancelled):
-        ok = store.finish(job_id, attempt, "cancelled", error_code="cancelled",
+        ok = store.finish(job_id, attempt, CANCELLED, error_code="cancelled",
                           error_message="cancelled on request")
         return "cancelled" if ok else "fenced"
     if isinstance(e, AlloyError):
@@ -130,7 +130,7 @@ def _record_failure(store: Store, settings: Settings, job_id: str, attempt: int,
     else:
         log.exception("job %s: unexpected error", job_id, exc_info=e)
         code, msg = "internal_error", redact(f"unexpected {type(e).__name__} in the worker: {e}", settings)[:2000]
-    return "failed" if store.finish(job_id, attempt, "failed", error_code=code, error_message=msg) else "fenced"
+    return "failed" if store.finish(job_id, attempt, FAILED, error_code=code, error_message=msg) else "fenced"
 
 
 def _run(spec_doc: dict[str, Any], tenant: str, queue: str, job_id: str, work: Path, rep: Reporter,
@@ -138,13 +138,10 @@ def _run(spec_doc: dict[str, Any], tenant: str, queue: str, job_id: str, work: P
     from merge_ops.runner import ResolveOptions, publish_result, run_merge  # torch: only in the worker
 
     spec = MergeSpec.model_validate(spec_doc)
-    calibration = _calibration_files(spec, tenant, store)
-    token = settings.hub_tokens.get(tenant)
-    opts = ResolveOptions(token=token.get_secret_value() if token else None, endpoint=settings.hub_endpoint,
+    opts = ResolveOptions(token=settings.hub_token(tenant), endpoint=settings.hub_endpoint,
                           cache_dir=settings.data_dir / "cache", allowed_roots=settings.roots)
-    outcome = run_merge(spec, work / "model", device=_device(queue), progress=rep.progress,
-                        cancel_requested=rep.cancel_requested, job_id=job_id, resolve_options=opts,
-                        calibration=calibration)
+    outcome = run_merge(spec, work / "model", device=_device(queue), channel=rep, job_id=job_id,
+                        resolve_options=opts, find_calibration_set=_set_finder(store, tenant))
     result: dict[str, Any] = {
         "metrics": _jsonable(outcome.result.metrics),
         "inputs": [{"ref": m.ref, "commit": m.commit} for m in
@@ -162,21 +159,17 @@ def _run(spec_doc: dict[str, Any], tenant: str, queue: str, job_id: str, work: P
     return result
 
 
-def _calibration_files(spec: MergeSpec, tenant: str, store: Store) -> dict[str, Path] | None:
-    if spec.calibration is None:
-        return None
-    out = {}
-    for task, set_id in spec.calibration.tasks.items():
+def _set_finder(store: Store, tenant: str):
+    """Calibration-set id -> its file, within the job's tenant (None when gone)."""
+    def find(set_id: str) -> Path | None:
         cs = store.get_calibration_set(set_id, tenant)
-        if cs is None or not Path(cs.path).is_file():
-            raise CalibrationError(f"calibration set {set_id!r} (for {task!r}) no longer exists",
-                                   param=f"calibration.tasks.{task}")
-        out[task] = Path(cs.path)
-    return out
+        return None if cs is None else Path(cs.path)
+
+    return find
 
 
 def _device(queue: str) -> str:
-    if queue != "gpu":
+    if queue != GPU:  # a queue name; the device is torch's
         return "cpu"
     import torch
 
@@ -186,9 +179,8 @@ def _device(queue: str) -> str:
 def _publisher(spec: MergeSpec, tenant: str, settings: Settings):
     from merge_ops.publish import make_publisher
 
-    token = settings.hub_tokens.get(tenant)  # per tenant, from the server's settings only
     return make_publisher(spec.publish.hub, root=settings.hub_root, endpoint=settings.hub_endpoint,
-                          token=token.get_secret_value() if token else None, private=spec.publish.private)
+                          token=settings.hub_token(tenant), private=spec.publish.private)
 
 
 def _keep_artifacts(out_dir: Path, artifacts: dict[str, str], job_dir: Path) -> dict[str, str]:

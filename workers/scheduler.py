@@ -1,4 +1,5 @@
-"""The scheduler loop (`alloy scheduler`): turns due schedules into jobs, exactly once per run.
+"""The scheduler loop (`alloy scheduler` runs `python -m workers.scheduler`): turns due schedules into
+jobs, exactly once per run.
 
 Any number of scheduler processes may run (for availability). Each tick:
 
@@ -31,11 +32,14 @@ from typing import Any
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from merge_ops.errors import AlloyError
-from merge_ops.spec import MergeSpec, format_validation_error
-from service.schedules.models import Schedule, ScheduleRun
-from service.schedules.store import ScheduleStore, job_key
-from service.schedules.triggers import (
+from jobs.admission import AdmissionError, check_admission
+from jobs.models import Schedule, ScheduleRun
+from jobs.queue import EnqueueFn, producer, queue_for, send, wake
+from jobs.schedule_store import ScheduleStore, job_key
+from jobs.settings import Settings, worker_name
+from jobs.states import QUEUED
+from jobs.store import Store
+from jobs.triggers import (
     MAX_MISSED_COUNTED,
     CronTrigger,
     RevisionTrigger,
@@ -44,17 +48,18 @@ from service.schedules.triggers import (
     input_refs,
     inputs_key,
     next_cron,
+    parse_trigger,
     pin,
     render_tag,
     same_commits,
 )
-from service.settings import Settings, worker_name
-from service.store import Store
+from merge_ops.errors import AlloyError
+from merge_ops.spec import MergeSpec, format_validation_error
+from workers.process import run_until_signalled
 
 log = logging.getLogger("alloy.scheduler")
 
 HeadFn = Callable[[str, str], str]  # (model ref, tenant) -> the commit it points at now
-EnqueueFn = Callable[[str, str], None]  # (job id, queue) -> None
 
 
 class SchedulerSettings(BaseSettings):
@@ -99,16 +104,13 @@ class Scheduler:
     def _hub_head(self, ref: str, tenant: str) -> str:
         from merge_ops.sources import head_commit
 
-        token = self.settings.hub_tokens.get(tenant)  # the tenant's server-side token, as for jobs
-        return head_commit(ref, token=token.get_secret_value() if token else None,
+        return head_commit(ref, token=self.settings.hub_token(tenant),  # the tenant's, as for its jobs
                            endpoint=self.settings.hub_endpoint, allowed_roots=self.settings.roots)
 
     def enqueue(self, job_id: str, queue: str) -> None:
         if self._enqueue is None:
-            from workers.app import enqueue, make_app
-
-            app = make_app(self.settings)
-            self._enqueue = lambda j, q: enqueue(j, q, app)
+            app = producer(self.settings)
+            self._enqueue = lambda j, q: send(j, q, app)
         self._enqueue(job_id, queue)
 
     # -- one pass ---------------------------------------------------------------------------------
@@ -153,9 +155,10 @@ class Scheduler:
 
     # -- deciding ---------------------------------------------------------------------------------
     def _evaluate(self, sch: Schedule, t: datetime) -> tuple[Outcome, datetime]:
-        if sch.trigger.get("type") == "cron":
-            return self._cron(sch, CronTrigger.model_validate(sch.trigger), t)
-        return self._revision(sch, RevisionTrigger.model_validate(sch.trigger), t)
+        trigger = parse_trigger(sch.trigger)
+        if isinstance(trigger, CronTrigger):
+            return self._cron(sch, trigger, t)
+        return self._revision(sch, trigger, t)
 
     def _cron(self, sch: Schedule, trig: CronTrigger, t: datetime) -> tuple[Outcome, datetime]:
         nxt = next_cron(trig, t)
@@ -217,20 +220,17 @@ class Scheduler:
 
     def _submit(self, sch: Schedule, inputs: list[dict[str, Any]], due: datetime, reason: str, key: str,
                 moved: list[dict[str, Any]]) -> Outcome:
-        from service.errors import ApiError
-        from service.routes_jobs import check_service_rules
-
         n = sch.run_count + 1
         tz = sch.trigger.get("timezone", "UTC")
         tag = render_tag(sch.tag_template, n, due, tz) if sch.tag_template and sch.spec.get("publish") else None
         pinned = pin(sch.spec, inputs, tag)
         try:  # the same checks as POST /v1/jobs (rules may have changed since the schedule was made)
             spec = MergeSpec.model_validate(pinned)
-            check_service_rules(spec, sch.tenant, self.store, self.settings)
+            check_admission(spec, sch.tenant, self.store, self.settings)
         except ValidationError as e:
             return self._record(sch, key, due, "failed", f"the pinned spec is invalid: "
                                 f"{format_validation_error(e)}", moved, inputs=inputs)
-        except ApiError as e:
+        except AdmissionError as e:
             return self._record(sch, key, due, "failed", e.message, moved, inputs=inputs)
         run = self.schedules.record_run(self.schedules.new_run(
             sch, run_key=key, n=n, status="pending", reason=reason, due_at=due, inputs=inputs, changes=moved,
@@ -242,20 +242,20 @@ class Scheduler:
     def _finish_pending(self, run: ScheduleRun, tenant: str) -> Outcome:
         """Create (or find) the run's job and wake a worker; safe to repeat."""
         spec = MergeSpec.model_validate(run.spec)
-        queue = self.settings.queue_for(spec.method_def().queue)
+        queue = queue_for(spec.method_def(), self.settings)
         job, _ = self.store.create_job(tenant=tenant, spec=run.spec, method=spec.method, queue=queue,
                                        unique_key=job_key(run.schedule_id, run.n), source="schedule",
                                        max_attempts=self.settings.max_attempts)
         self.schedules.attach_job(run.id, job.id)
         run.job_id, run.status = job.id, "submitted"
-        if job.state == "queued":  # a repeated wake-up is harmless: the worker's claim is conditional
-            try:
-                self.enqueue(job.id, queue)
-            except Exception:  # the job is recorded; the reaper sends its message later
-                log.warning("job %s: broker unavailable, left for the reaper", job.id, exc_info=True)
-                self.store.mark_enqueued(job.id, sent=False)
+        if job.state == QUEUED:  # a repeated wake-up is harmless: the worker's claim is conditional
+            wake(self.store, self.enqueue, job.id, queue)
         return Outcome(run.schedule_id, "submitted", run, f"run {run.n} -> job {job.id}: {run.reason}")
 
 
 def run_forever(settings: Settings, stop: threading.Event | None = None) -> None:
     Scheduler(Store(settings.database_url), settings).run_forever(stop)
+
+
+if __name__ == "__main__":  # `alloy scheduler` runs this process
+    raise SystemExit(run_until_signalled(run_forever))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from service.settings import get_settings
-from service.store import Store
-from workers.app import RUN_JOB, app
+from jobs.queue import RUN_JOB
+from jobs.settings import get_settings
+from jobs.store import Store
+from workers.app import app
 from workers.execute import run_job
 
 

@@ -32,7 +32,7 @@ def full_only(full: bool) -> None:
 @pytest.fixture(scope="session")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny float32 Llama base, two experts and an unlabelled calibration file per expert."""
-    from merge_ops.toy_models import make_experts, write_llama
+    from tests.toy_models import make_experts, write_llama
 
     root = tmp_path_factory.mktemp("rel-models")
     base = write_llama(root / "base", hidden=16, layers=1, intermediate=32, vocab=32, heads=2,

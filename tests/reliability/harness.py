@@ -23,14 +23,14 @@ from typing import Any
 import httpx
 import redis
 
+from jobs.states import TERMINAL
+from jobs.store import Store
 from merge_ops.publish import LocalHub
 from service.cli_service import free_port, wait_http
-from service.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "service.cli"]
 TOKENS = {"acme": "rel-acme-token-5f0c", "other": "rel-other-token-9b1d", "admin": "rel-admin-token-77e2"}
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def token_config() -> list[dict[str, Any]]:

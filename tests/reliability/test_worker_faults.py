@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from service.models import Job
+from jobs.models import Job
 from tests.reliability.conftest import full_only, learned_spec, static_spec
 from tests.reliability.harness import Cluster, MemoryWatchdog, group_pids
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from jobs.migrate import upgrade
+from jobs.settings import Settings
 from service.app import create_app
-from service.migrate import upgrade
-from service.settings import Settings
 
 TOKENS = {"acme": "sec-acme-rw-1f3a", "acme-ro": "sec-acme-ro-8c2e", "other": "sec-other-rw-44d0",
           "admin": "sec-admin-6b91"}

@@ -36,7 +36,7 @@ class Receiver(http.server.BaseHTTPRequestHandler):
 
 
 def test_no_secret_leaks_after_a_full_run(tmp_path: Path):
-    from merge_ops.toy_models import make_experts, write_llama
+    from tests.toy_models import make_experts, write_llama
 
     secrets = [*TOKENS.values(), HUB_TEST_TOKEN, WEBHOOK_SECRET]
     models = tmp_path / "models"

@@ -6,9 +6,10 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from service.store import Store
-from service.webhooks import deliver_due, verify
+from jobs.store import Store
+from jobs.webhooks import deliver_due
 from tests.security.conftest import auth, make_settings, spec_body
+from tests.service.fixtures import verify
 
 REFUSED_SCHEMES = ["ftp://hooks.example.com/x", "file:///etc/passwd", "gopher://hooks.example.com/",
                    "javascript:alert(1)", "data:text/plain,hi", "http:/missing-slash", "//hooks.example.com/x",

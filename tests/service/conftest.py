@@ -5,9 +5,9 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
+from jobs.migrate import upgrade
+from jobs.settings import Settings
 from service.app import create_app
-from service.migrate import upgrade
-from service.settings import Settings
 from tests.service.fixtures import redis_url, token_config  # noqa: F401  (fixture)
 
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -147,33 +146,11 @@ class Service:
             time.sleep(0.1)
 
 
-PG = os.environ.get("ALLOY_TEST_POSTGRES_URL")
+def verify(secret: str, headers: dict[str, str], body: bytes) -> bool:
+    """What a webhook receiver runs: constant-time compare of any listed v1 signature."""
+    import hmac
 
+    from jobs.webhooks import sign
 
-@contextmanager
-def postgres_store(clock, prefix: str) -> Iterator:
-    """A Store on a throwaway PostgreSQL schema migrated to head (ALLOY_TEST_POSTGRES_URL); dropped after."""
-    import uuid
-
-    from alembic import command
-    from sqlalchemy import create_engine, text
-
-    from service.migrate import alembic_config
-    from service.store import Store
-
-    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG)
-    with admin.begin() as c:
-        c.execute(text(f'CREATE SCHEMA "{schema}"'))
-    eng = create_engine(PG, connect_args={"options": f"-csearch_path={schema}"})
-    try:
-        cfg = alembic_config(PG)
-        with eng.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
-        yield Store(PG, clock=clock, engine=eng)
-    finally:
-        eng.dispose()
-        with admin.begin() as c:
-            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    expected = sign(secret, headers["webhook-id"], int(headers["webhook-timestamp"]), body)
+    return any(hmac.compare_digest(expected, s) for s in headers["webhook-signature"].split())

@@ -7,10 +7,10 @@ import json
 import redis
 from fastapi.testclient import TestClient
 
+from jobs.settings import Settings
+from jobs.store import Store
 from service.app import create_app
 from service.metrics import queue_depth
-from service.settings import Settings
-from service.store import Store
 from tests.service.conftest import spec_body
 from tests.service.fixtures import auth
 

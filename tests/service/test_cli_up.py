@@ -13,9 +13,9 @@ import redis
 import yaml
 
 from merge_ops.publish import LocalHub
-from merge_ops.toy_models import make_experts, write_llama
 from service.cli_service import free_port
 from tests.service.fixtures import ROOT
+from tests.toy_models import make_experts, write_llama
 
 pytestmark = pytest.mark.integration
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
+from jobs.settings import Settings
 from service.cli import build_parser
-from service.settings import Settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -32,3 +32,18 @@ def test_compose_commands_and_settings_exist():
             if line.startswith("CMD"):
                 argv = yaml.safe_load(line.removeprefix("CMD"))
                 assert argv[0] == "alloy" and callable(parser.parse_args(argv[1:]).func)
+
+
+def test_images_copy_every_package():
+    """A package missing from an image fails only at import time inside the container."""
+    import tomllib
+
+    pyproject = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert {"merge_ops", "jobs", "service", "workers"} <= packages
+    for dockerfile in ("Dockerfile", "Dockerfile.gpu"):
+        text = (DEPLOY / dockerfile).read_text()
+        ignore = (DEPLOY / f"{dockerfile}.dockerignore").read_text().splitlines()
+        for pkg in packages:
+            assert f"COPY {pkg} {pkg}" in text, (dockerfile, pkg)
+            assert f"!{pkg}/**" in ignore, (dockerfile, pkg)

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import yaml
 
-from service.store import Store
+from jobs.store import Store
 from tests.service.fixtures import auth
 from workers.scheduler import Scheduler, SchedulerSettings
 
@@ -111,7 +111,7 @@ def test_runs_show_when_why_and_the_job(client, settings):
 
 def test_schedule_file_reads_its_spec_like_alloy_submit(tmp_path):
     from merge_ops.errors import InputError
-    from service.schedules.cli import load_schedule_file
+    from service.cli_schedules import load_schedule_file
 
     (tmp_path / "merge.yaml").write_text(yaml.safe_dump(
         {"method": "task_arithmetic", "base": "./models/base", "experts": [{"model": "org/e1"}],

@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from service.migrate import upgrade
-from service.models import Job
-from service.schedules.models import ScheduleRun
-from service.schedules.store import ScheduleStore
-from service.schedules.triggers import CronTrigger, RevisionTrigger, first_due
-from service.settings import Settings
-from service.store import Store
-from tests.service.fixtures import PG, postgres_store
+from jobs.migrate import upgrade
+from jobs.models import Job, ScheduleRun
+from jobs.schedule_store import ScheduleStore
+from jobs.settings import Settings
+from jobs.store import Store
+from jobs.triggers import CronTrigger, RevisionTrigger, first_due
+from tests.jobs.fixtures import PG, postgres_store
 from workers.scheduler import Scheduler, SchedulerSettings
 
 on_both_databases = pytest.mark.parametrize("store", ["sqlite"] + (["postgresql"] if PG else []), indirect=True)

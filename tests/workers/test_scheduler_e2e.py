@@ -18,10 +18,10 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from merge_ops.toy_models import make_experts
+from jobs.models import Job
 from service.cli import main as alloy
-from service.models import Job
 from tests.service.fixtures import TOKENS, Procs, Service, auth, redis_url, service_env  # noqa: F401
+from tests.toy_models import make_experts
 
 pytestmark = pytest.mark.integration
 
@@ -123,11 +123,11 @@ def test_new_expert_commit_triggers_exactly_one_republish(tmp_path, redis_url, h
 
 def test_two_scheduler_processes_record_each_cron_time_once(tmp_path, redis_url, tiny_llama):  # noqa: F811
     """A cron schedule every second, two scheduler processes racing for ~5 due times."""
-    from service.migrate import upgrade
-    from service.schedules.models import ScheduleRun
-    from service.schedules.store import ScheduleStore
-    from service.schedules.triggers import CronTrigger, first_due
-    from service.store import Store
+    from jobs.migrate import upgrade
+    from jobs.models import ScheduleRun
+    from jobs.schedule_store import ScheduleStore
+    from jobs.store import Store
+    from jobs.triggers import CronTrigger, first_due
 
     base, experts = tiny_llama(2)  # local folders: their "commit" is a content fingerprint
     env = service_env(tmp_path, redis_url, ALLOY_SCHEDULER_TICK_SECONDS="0.1")

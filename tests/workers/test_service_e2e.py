@@ -12,12 +12,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from merge_ops.publish import LocalHub
-from merge_ops.toy_models import make_experts, write_llama
-from service.webhooks import verify
 from tests.hub_fixtures import HUB_TEST_TOKEN
 from tests.hubserver import serve_hub
-from tests.service.fixtures import Procs, Service, auth, service_env
+from tests.service.fixtures import Procs, Service, auth, service_env, verify
 from tests.service.test_api import parse_sse
+from tests.toy_models import make_experts, write_llama
 
 pytestmark = pytest.mark.integration
 
@@ -152,10 +151,10 @@ def test_learned_job_publishes_serves_coefficients_and_signs_webhook(world):
     assert final["webhook_deliveries"][0]["webhook_id"] == final["webhook_deliveries"][1]["webhook_id"]
 
     # a duplicate wake-up for a finished job is dropped by the claim
-    from service.settings import Settings
-    from workers.app import enqueue, make_app
+    from jobs.queue import producer, send
+    from jobs.settings import Settings
 
-    enqueue(job["id"], "cpu", make_app(Settings(redis_url=svc.env["ALLOY_REDIS_URL"])))
+    send(job["id"], "cpu", producer(Settings(redis_url=svc.env["ALLOY_REDIS_URL"])))
     deadline = time.monotonic() + 20
     while "not claimable" not in svc.procs.log("worker0") and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -1,4 +1,5 @@
-"""Service configuration: one pydantic Settings object, read from `ALLOY_*` environment variables.
+"""Configuration of the API and the workers: one pydantic Settings object, read from `ALLOY_*`
+environment variables.
 
 Secrets (API tokens, hub tokens, the webhook secret) are held as hashes or SecretStr so that they do
 not show up in reprs, logs or error messages. API tokens are configured as
@@ -87,18 +88,15 @@ class Settings(BaseSettings):
     def roots(self) -> list[Path]:
         return [p.resolve() for p in (self.allowed_roots or [Path.cwd()])]
 
-    def queue_for(self, method_queue: str) -> str:
-        return method_queue if self.gpu_workers else "cpu"
+    def hub_token(self, tenant: str) -> str | None:
+        """The tenant's hub token: from the server's settings only, never from a job body."""
+        token = self.hub_tokens.get(tenant)
+        return token.get_secret_value() if token else None
 
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
-
-
-def reset_settings() -> None:
-    """Forget the cached settings (tests and `alloy up` change the environment)."""
-    get_settings.cache_clear()
 
 
 def worker_name() -> str:

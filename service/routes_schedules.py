@@ -13,13 +13,15 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from jobs.admission import check_admission
+from jobs.models import Schedule, ScheduleRun
+from jobs.schedule_store import ScheduleStore
+from jobs.states import RunStatus
+from jobs.triggers import CronTrigger, RevisionTrigger, Trigger, check_tag_template, first_due, parse_trigger
 from merge_ops.spec import MergeSpec
 from service.auth import Principal, Reader, Writer
 from service.errors import ApiError
-from service.routes_jobs import ERRORS, check_service_rules
-from service.schedules.models import Schedule, ScheduleRun
-from service.schedules.store import ScheduleStore
-from service.schedules.triggers import CronTrigger, RevisionTrigger, Trigger, check_tag_template, first_due
+from service.routes_jobs import ERRORS
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 CatchUp = Literal["skip", "once"]
@@ -96,7 +98,7 @@ class RunOut(BaseModel):
     object: Literal["schedule_run"] = "schedule_run"
     schedule_id: str
     n: int | None = Field(description="run number (runs that created a job)")
-    status: Literal["pending", "submitted", "skipped", "failed"]
+    status: RunStatus
     reason: str = Field(description="why it ran (cron, catch-up, which input changed) or was skipped")
     due_at: datetime
     created_at: datetime
@@ -150,7 +152,7 @@ def _check_publish(body_spec: MergeSpec, tag_template: str | None) -> None:
 @router.post("", status_code=201, response_model=ScheduleOut, responses=ERRORS,
              summary="Create a schedule (a MergeSpec template and a trigger)")
 def create(body: ScheduleIn, request: Request, response: Response, p: Writer) -> ScheduleOut:
-    check_service_rules(body.spec, p.tenant, request.app.state.store, request.app.state.settings)
+    check_admission(body.spec, p.tenant, request.app.state.store, request.app.state.settings)
     _check_publish(body.spec, body.tag_template)
     store = _schedules(request)
     sch = store.create(tenant=p.tenant, name=body.name, spec=body.spec.model_dump(mode="json"),
@@ -192,16 +194,12 @@ def patch(schedule_id: str, body: SchedulePatch, request: Request, p: Writer) ->
     if trigger is not None or resumed:
         # start afresh from now (no catch-up for times due while paused); dropping the lease makes a
         # scheduler that is evaluating the old trigger unable to overwrite this due time
-        t = trigger or _parse_trigger(sch.trigger)
+        t = trigger or parse_trigger(sch.trigger)
         values.update(next_due_at=first_due(t, store.clock()), lease_owner=None, lease_until=None)
     out = store.update(schedule_id, p.tenant_filter, **values)
     if out is None:
         raise ApiError(404, "not_found", f"no schedule {schedule_id!r}")
     return schedule_out(out)
-
-
-def _parse_trigger(doc: dict[str, Any]) -> CronTrigger | RevisionTrigger:
-    return CronTrigger.model_validate(doc) if doc.get("type") == "cron" else RevisionTrigger.model_validate(doc)
 
 
 @router.delete("/{schedule_id}", status_code=204, responses=ERRORS,

@@ -22,7 +22,8 @@ from sqlalchemy import Engine, case, create_engine, delete, event, func, select,
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.models import ACTIVE, TERMINAL, CalibrationSet, Job, JobEvent, WebhookDelivery, now
+from jobs.models import CalibrationSet, Job, JobEvent, WebhookDelivery, now
+from jobs.states import ACTIVE, CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL
 
 
 class IdempotencyConflict(Exception):
@@ -91,7 +92,7 @@ class Store:
             if found is not None:
                 return self._replay(found, h), False
         t = self.clock()
-        job = Job(id=new_id("job"), tenant=tenant, state="queued", method=method, queue=queue, spec=spec,
+        job = Job(id=new_id("job"), tenant=tenant, state=QUEUED, method=method, queue=queue, spec=spec,
                   spec_hash=h, idempotency_key=idempotency_key, unique_key=unique_key, source=source,
                   attempts=0, max_attempts=max_attempts, cancel_requested=False, created_at=t,
                   updated_at=t, enqueued_at=t, webhook_attempts=0)
@@ -99,7 +100,7 @@ class Store:
             with self.tx() as s:
                 s.add(job)
                 s.flush()
-                s.add(JobEvent(job_id=job.id, type="state", data={"state": "queued"}, created_at=t))
+                s.add(JobEvent(job_id=job.id, type="state", data={"state": QUEUED}, created_at=t))
         except IntegrityError:  # a concurrent request with the same key won the insert
             found = self._find_existing(tenant, idempotency_key, unique_key)
             if found is None:
@@ -146,16 +147,16 @@ class Store:
             job = s.scalar(q)
             if job is None:
                 return None
-            if job.state in ("succeeded", "failed"):
+            if job.state in (SUCCEEDED, FAILED):
                 raise NotCancellable(job.state)
-            if s.execute(update(Job).where(Job.id == job_id, Job.state == "queued").values(
-                    state="cancelled", cancel_requested=True, finished_at=t, updated_at=t,
+            if s.execute(update(Job).where(Job.id == job_id, Job.state == QUEUED).values(
+                    state=CANCELLED, cancel_requested=True, finished_at=t, updated_at=t,
                     error_code="cancelled", error_message="cancelled before it started",
                     **self._webhook_values(job, t))).rowcount:
-                s.add(JobEvent(job_id=job_id, type="state", data={"state": "cancelled"}, created_at=t))
-            elif s.execute(update(Job).where(Job.id == job_id, Job.state == "running").values(
-                    state="cancelling", cancel_requested=True, updated_at=t)).rowcount:
-                s.add(JobEvent(job_id=job_id, type="state", data={"state": "cancelling"}, created_at=t))
+                s.add(JobEvent(job_id=job_id, type="state", data={"state": CANCELLED}, created_at=t))
+            elif s.execute(update(Job).where(Job.id == job_id, Job.state == RUNNING).values(
+                    state=CANCELLING, cancel_requested=True, updated_at=t)).rowcount:
+                s.add(JobEvent(job_id=job_id, type="state", data={"state": CANCELLING}, created_at=t))
         return self.get_job(job_id)
 
     @staticmethod
@@ -176,16 +177,16 @@ class Store:
         with self.tx() as s:
             n = s.execute(update(Job).where(
                 Job.id == job_id,
-                (Job.state == "queued") | ((Job.state == "running") & (Job.lease_until < t)),
+                (Job.state == QUEUED) | ((Job.state == RUNNING) & (Job.lease_until < t)),
                 Job.cancel_requested.is_(False),
                 Job.attempts < Job.max_attempts,
-            ).values(state="running", attempts=Job.attempts + 1, worker=worker,
+            ).values(state=RUNNING, attempts=Job.attempts + 1, worker=worker,
                      lease_until=t + timedelta(seconds=lease_seconds), updated_at=t,
                      started_at=func.coalesce(Job.started_at, t))).rowcount
             if n != 1:
                 return None
             job = s.scalar(select(Job).where(Job.id == job_id))
-            s.add(JobEvent(job_id=job_id, type="state", data={"state": "running", "attempt": job.attempts},
+            s.add(JobEvent(job_id=job_id, type="state", data={"state": RUNNING, "attempt": job.attempts},
                            created_at=t))
             return Claim(job, job.attempts)
 
@@ -240,18 +241,6 @@ class Store:
                 s.add(JobEvent(job_id=job_id, type="state", data=data, created_at=t))
             return n == 1
 
-    def release(self, job_id: str, attempt: int, reason: str) -> bool:
-        """Give the job back to the queue (transient failure); the attempt still counts."""
-        t = self.clock()
-        with self.tx() as s:
-            n = s.execute(update(Job).where(Job.id == job_id, Job.attempts == attempt,
-                                            Job.state == "running").values(
-                state="queued", lease_until=None, worker=None, enqueued_at=t, updated_at=t)).rowcount
-            if n == 1:
-                s.add(JobEvent(job_id=job_id, type="state", data={"state": "queued", "reason": reason},
-                               created_at=t))
-            return n == 1
-
     # -- reaper ----------------------------------------------------------------------------------
     def reap(self, requeue_after: float) -> list[str]:
         """Expired leases go back to `queued` (or `failed` at the attempt cap); a `cancelling` job
@@ -262,16 +251,16 @@ class Store:
         with self.tx() as s:
             expired = list(s.scalars(select(Job).where(Job.state.in_(ACTIVE), Job.lease_until < t)))
             for job in expired:
-                if job.state == "cancelling":
-                    vals: dict[str, Any] = dict(state="cancelled", error_code="cancelled",
+                if job.state == CANCELLING:
+                    vals: dict[str, Any] = dict(state=CANCELLED, error_code="cancelled",
                                                 error_message="cancelled; its worker stopped", finished_at=t)
                 elif job.attempts >= job.max_attempts:
-                    vals = dict(state="failed", error_code="worker_lost", finished_at=t,
+                    vals = dict(state=FAILED, error_code="worker_lost", finished_at=t,
                                 error_message=f"the worker running this job stopped responding "
                                               f"{job.attempts} times (attempt cap {job.max_attempts})")
                 else:
-                    vals = dict(state="queued", enqueued_at=t)
-                if vals["state"] != "queued":
+                    vals = dict(state=QUEUED, enqueued_at=t)
+                if vals["state"] != QUEUED:
                     vals.update(self._webhook_values(job, t))
                 n = s.execute(update(Job).where(Job.id == job.id, Job.attempts == job.attempts,
                                                 Job.state == job.state, Job.lease_until < t).values(
@@ -281,13 +270,13 @@ class Store:
                     if vals.get("error_code"):
                         data["error"] = {"code": vals["error_code"], "message": vals["error_message"]}
                     s.add(JobEvent(job_id=job.id, type="state", data=data, created_at=t))
-                    if vals["state"] == "queued":
+                    if vals["state"] == QUEUED:
                         out.append(job.id)
             stale = t - timedelta(seconds=requeue_after)
             lost = list(s.scalars(select(Job.id).where(
-                Job.state == "queued", (Job.enqueued_at < stale) | Job.enqueued_at.is_(None))))
+                Job.state == QUEUED, (Job.enqueued_at < stale) | Job.enqueued_at.is_(None))))
             if lost:
-                s.execute(update(Job).where(Job.id.in_(lost), Job.state == "queued").values(enqueued_at=t))
+                s.execute(update(Job).where(Job.id.in_(lost), Job.state == QUEUED).values(enqueued_at=t))
             out.extend(lost)
         return out
 
@@ -345,7 +334,7 @@ class Store:
         cols = [func.sum(case((Job.duration_s <= b, 1), else_=0)) for b in bounds]
         with self.tx() as s:
             rows = s.execute(select(Job.method, func.count(), func.sum(Job.duration_s), *cols)
-                             .where(Job.state == "succeeded", Job.duration_s.is_not(None))
+                             .where(Job.state == SUCCEEDED, Job.duration_s.is_not(None))
                              .group_by(Job.method)).all()
         return [(r[0], [int(x or 0) for x in r[3:]], int(r[1]), float(r[2] or 0.0)) for r in rows]
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-import service.schedules.models  # noqa: F401  (schedule tables share Base.metadata)
-from service.models import Base
-from service.settings import Settings
+from jobs.models import Base
+from jobs.settings import Settings
 
 config = context.config
 url = config.attributes.get("url") or Settings().database_url

@@ -1,5 +1,5 @@
-"""`alloy schedules list | add FILE.yaml | show | pause | resume | runs | delete` (talks to the API)
-and `alloy scheduler` (the loop process; run one or more).
+"""`alloy schedules list | add FILE.yaml | show | pause | resume | runs | delete` (talks to the API;
+the scheduler process itself is `alloy scheduler`, in cli_service.py).
 
 A schedule file:
 
@@ -19,11 +19,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from service.api_client import add_client_args, call
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("schedules", help="manage scheduled re-merges (cron / on new revision) via the API")
-    p.add_argument("--api", default=None, help="API URL (default: $ALLOY_API_URL or http://127.0.0.1:8000)")
-    p.add_argument("--token", default=None, help="API token (default: $ALLOY_API_TOKEN or the `alloy up` token)")
+    add_client_args(p)
     p.add_argument("--json", action="store_true", help="print the API's JSON")
     ss = p.add_subparsers(dest="schedules_command", metavar="ACTION", required=True)
     ss.add_parser("list", help="list schedules").set_defaults(func=cmd_list)
@@ -38,38 +39,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         x = ss.add_parser(name, help=helptext)
         x.add_argument("id")
         x.set_defaults(func=func)
-
-    p = sub.add_parser("scheduler", help="run the scheduler loop (any number may run; each run fires once)")
-    p.set_defaults(func=cmd_scheduler)
-
-
-# -- the loop ------------------------------------------------------------------------------------
-def cmd_scheduler(args: argparse.Namespace) -> int:
-    from service.cli_service import run_until_signalled
-    from workers.scheduler import run_forever
-
-    return run_until_signalled(run_forever)
-
-
-# -- the client ----------------------------------------------------------------------------------
-def _client(args: argparse.Namespace):
-    import httpx
-
-    from service.cli_service import _client_config
-
-    api, token = _client_config(args)
-    return httpx.Client(base_url=api, headers={"Authorization": f"Bearer {token}"}, timeout=30)
-
-
-def _call(args: argparse.Namespace, method: str, path: str, ok: int = 200, **kw) -> Any:
-    from merge_ops.errors import InputError
-    from service.cli_service import _api_error
-
-    with _client(args) as c:
-        r = c.request(method, path, **kw)
-    if r.status_code != ok:
-        raise InputError(f"the API answered {r.status_code}: {_api_error(r)}")
-    return r.json() if r.content else None
 
 
 def load_schedule_file(path: Path) -> dict[str, Any]:
@@ -107,29 +76,29 @@ def _out(args: argparse.Namespace, doc: Any, printer) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    doc = _call(args, "GET", "/v1/schedules", params={"limit": 100})
+    doc = call(args, "GET", "/v1/schedules", params={"limit": 100})
     return _out(args, doc, lambda d: [_print_schedule(s) for s in d["data"]] or print("no schedules"))
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    doc = _call(args, "POST", "/v1/schedules", ok=201, json=load_schedule_file(args.file))
+    doc = call(args, "POST", "/v1/schedules", ok=201, json=load_schedule_file(args.file))
     return _out(args, doc, _print_schedule)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    return _out(args, _call(args, "GET", f"/v1/schedules/{args.id}"), _print_schedule)
+    return _out(args, call(args, "GET", f"/v1/schedules/{args.id}"), _print_schedule)
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
-    return _out(args, _call(args, "PATCH", f"/v1/schedules/{args.id}", json={"paused": True}), _print_schedule)
+    return _out(args, call(args, "PATCH", f"/v1/schedules/{args.id}", json={"paused": True}), _print_schedule)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    return _out(args, _call(args, "PATCH", f"/v1/schedules/{args.id}", json={"paused": False}), _print_schedule)
+    return _out(args, call(args, "PATCH", f"/v1/schedules/{args.id}", json={"paused": False}), _print_schedule)
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    _call(args, "DELETE", f"/v1/schedules/{args.id}", ok=204)
+    call(args, "DELETE", f"/v1/schedules/{args.id}", ok=204)
     print(f"deleted {args.id}")
     return 0
 
@@ -142,4 +111,4 @@ def cmd_runs(args: argparse.Namespace) -> int:
         if not d["data"]:
             print("no runs yet", file=sys.stderr)
 
-    return _out(args, _call(args, "GET", f"/v1/schedules/{args.id}/runs", params={"limit": 100}), show)
+    return _out(args, call(args, "GET", f"/v1/schedules/{args.id}/runs", params={"limit": 100}), show)

@@ -67,6 +67,11 @@ class RevisionTrigger(BaseModel):
 Trigger = Annotated[CronTrigger | RevisionTrigger, Field(discriminator="type")]
 
 
+def parse_trigger(doc: dict[str, Any]) -> CronTrigger | RevisionTrigger:
+    """A stored trigger (the `schedules.trigger` JSON) as its model."""
+    return CronTrigger.model_validate(doc) if doc.get("type") == "cron" else RevisionTrigger.model_validate(doc)
+
+
 # -- cron arithmetic ----------------------------------------------------------------------------
 def _utc(t: datetime) -> datetime:
     return t.astimezone(ZoneInfo("UTC"))

@@ -10,9 +10,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import create_engine
 
-from service.migrate import upgrade
-from service.store import IdempotencyConflict, NotCancellable, Store
-from tests.service.fixtures import PG, postgres_store
+from jobs.migrate import upgrade
+from jobs.store import IdempotencyConflict, NotCancellable, Store
+from tests.jobs.fixtures import PG, postgres_store
 
 SPEC = {"method": "task_arithmetic", "experts": [{"model": "org/a"}], "base": "org/base"}
 

@@ -19,9 +19,9 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
-from service.models import Job
-from service.schedules.models import Schedule, ScheduleRun
-from service.store import Store, new_id, page
+from jobs.models import Job, Schedule, ScheduleRun
+from jobs.states import UNSUCCESSFUL
+from jobs.store import Store, new_id, page
 
 
 def job_key(schedule_id: str, n: int) -> str:
@@ -149,11 +149,6 @@ class ScheduleStore:
             s.execute(update(ScheduleRun).where(ScheduleRun.id == run_id)
                       .values(job_id=job_id, status="submitted"))
 
-    def fail_run(self, run_id: str, reason: str) -> None:
-        with self.store.tx() as s:
-            s.execute(update(ScheduleRun).where(ScheduleRun.id == run_id, ScheduleRun.status == "pending")
-                      .values(status="failed", reason=reason))
-
     def pending(self, older_than: datetime) -> list[tuple[ScheduleRun, str]]:
         """Runs recorded but left without a job (their scheduler died in between), with the tenant."""
         with self.store.tx() as s:
@@ -170,6 +165,6 @@ class ScheduleStore:
                  .where(ScheduleRun.schedule_id == schedule_id, ScheduleRun.n.is_not(None))
                  .order_by(ScheduleRun.n.desc()).limit(1))
             if ok_only:  # a pending run (no job yet) counts as in flight
-                q = q.where(Job.state.is_(None) | Job.state.not_in(("failed", "cancelled")))
+                q = q.where(Job.state.is_(None) | Job.state.not_in(UNSUCCESSFUL))
             row = s.execute(q).first()
             return None if row is None else (row[0], row[1])
