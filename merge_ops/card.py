@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from merge_ops.catalog import METHODS
-from merge_ops.job import MethodResult, ResolvedModel
+from merge_ops.context import MethodResult, ResolvedModel
+from merge_ops.methods import METHODS
 from merge_ops.sources import scrub
 from merge_ops.spec import MergeSpec
 

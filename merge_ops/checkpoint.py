@@ -5,7 +5,8 @@ and check them completely before touching any tensor: a malicious or truncated f
 with a message naming the file, never crash or read out of bounds. Tensor bytes are read with
 `os.preadv` at their header offsets into a fresh tensor or a caller-supplied buffer: unlike
 `safe_open`'s mmap, nothing we have read stays resident after we drop it, so RSS tracks the
-tensors in flight, not the files touched (DESIGN.md, "Performance facts").
+tensors in flight, not the files touched (a mapped file counts every page touched in RSS while it
+stays open).
 
 Writing. The writer is given the layout (names, shapes, dtypes) up front, which fixes every
 shard's header before any data exists. Each tensor is then written with `os.pwrite` at its final
@@ -31,12 +32,11 @@ from typing import Any
 
 import torch
 
-from merge_ops.errors import CheckpointError
+from merge_ops.errors import PICKLE_SUFFIXES, CheckpointError, pickle_refusal
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit; real headers are a few hundred KB
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 AUX_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
@@ -175,11 +175,7 @@ def _weight_files(folder: Path) -> list[Path]:
         return [folder / SINGLE_NAME]
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise CheckpointError(
-            f"{folder} holds only pickle weights ({', '.join(pickles)}); Alloy never unpickles model files "
-            "because loading a pickle runs arbitrary code. Convert them to safetensors first "
-            "(e.g. load in a trusted environment and save_pretrained(..., safe_serialization=True))",
-            param=str(folder))
+        raise pickle_refusal(str(folder), pickles)
     raise CheckpointError(f"{folder} has no {SINGLE_NAME} or {INDEX_NAME}", param=str(folder))
 
 

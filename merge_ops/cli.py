@@ -39,14 +39,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 class _Bars:
-    """One tqdm bar per stage; learned stages show the loss."""
+    """The CLI's progress channel: one tqdm bar per stage; learned stages show the loss. Ctrl-C is
+    the CLI's cancel, so `cancel_requested` is never true."""
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.bar = None
         self.stage: str | None = None
 
-    def __call__(self, stage: str, step: int, total: int | None, loss: float | None = None) -> None:
+    def cancel_requested(self) -> bool:
+        return False
+
+    def progress(self, stage: str, step: int, total: int | None, loss: float | None = None) -> None:
         if self.quiet:
             return
         from tqdm import tqdm
@@ -85,27 +89,23 @@ def cmd_merge(args: argparse.Namespace) -> int:
         spec = spec_from_dict({**spec.model_dump(exclude_none=True), **overrides})
     bars = _Bars(args.quiet)
     try:
-        outcome = run_merge(spec, Path(args.out), device=args.device, progress=bars)
+        outcome = run_merge(spec, Path(args.out), device=args.device, channel=bars)
     finally:
         bars.close()
     print(f"merged {spec.method} of {len(spec.experts)} expert(s) into {outcome.out_dir} "
           f"in {outcome.seconds:.1f}s")
     if spec.publish:
-        ref = publish_result(outcome, spec, _publisher(spec.publish.hub, args.hub_root))
+        from merge_ops.publish import make_publisher
+
+        # hf: endpoint and token come from HF_ENDPOINT / HF_TOKEN
+        publisher = make_publisher(spec.publish.hub, root=args.hub_root, private=spec.publish.private)
+        ref = publish_result(outcome, spec, publisher)
         print(f"published {ref.repo}@{ref.revision} commit {ref.commit} {ref.url or ''}".rstrip())
     return 0
 
 
-def _publisher(kind: str, hub_root: Path):
-    from merge_ops.publish import HfHubPublisher, LocalHub
-
-    if kind == "hf":
-        return HfHubPublisher(endpoint=os.environ.get("HF_ENDPOINT"), token=os.environ.get("HF_TOKEN"))
-    return LocalHub(hub_root)
-
-
 def cmd_methods(args: argparse.Namespace) -> int:
-    from merge_ops.catalog import METHODS, get_method
+    from merge_ops.methods import METHODS, get_method
 
     methods = [get_method(args.name)] if args.name else sorted(METHODS.values(), key=lambda m: (m.kind, m.name))
     for m in methods:
@@ -116,6 +116,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
               f"{'; needs calibration' if m.needs_calibration else ''}]")
         print(f"    {m.summary}")
         print(f"    paper: {m.paper}")
+        print(f"    math: {m.module.replace('.', '/')}.py")
         for p in m.params:
             scope = "per expert or global" if p.scope == "model" else "global"
             extra = []
@@ -123,8 +124,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
                 extra.append("per-layer list ok")
             if p.choices:
                 extra.append("one of " + "|".join(map(str, p.choices)))
-            if p.min is not None or p.max is not None:
-                extra.append(f"range [{'' if p.min is None else p.min}, {'' if p.max is None else p.max}]")
+            if (r := p.range_text()) is not None:
+                extra.append(f"range {r}")
             default = "required" if p.required else f"default {p.default!r}"
             print(f"      {p.name:<14} {default:<18} {scope:<21} {p.help}"
                   + (f" ({'; '.join(extra)})" if extra else ""))

@@ -1,10 +1,15 @@
-"""What every method runner receives and returns.
+"""What a method runs with (JobContext) and returns (MethodResult), and the one progress channel.
 
-The runner (`runner.py`) resolves the inputs, builds a JobContext and calls the method's
-`run(ctx) -> MethodResult`. Static methods share one streaming runner (`merge.py`); learned and OT
-methods have their own. A runner writes the merged checkpoint into `ctx.out_dir` (sharded
-safetensors + index + config/tokenizer files) and returns metrics and artifact paths; the model card
-and `alloy_merge.json` are written afterwards by `card.py` from the result.
+`runner.run_merge` resolves the inputs, builds a JobContext and runs the method (`runner.run_method`):
+static methods through the streaming driver (static/driver.py), learned ones through the learned
+driver (learned/driver.py), OT fusion through its own `run`. A method writes the merged checkpoint
+into `ctx.out_dir` and returns metrics and artifact paths; the model card and `alloy_merge.json` are
+written afterwards by `card.py` from the result.
+
+Progress and cancellation travel through one `Channel`: `progress(stage, step, total, loss=None)`
+(stages: resolve, plan, learn, merge, write; the service adds publish)
+and `cancel_requested()`. The CLI implements it with progress bars, the worker with throttled
+writes to the job store; the library calls it through `ctx.report(...)` and `ctx.check_cancel()`.
 """
 
 from __future__ import annotations
@@ -12,12 +17,53 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from merge_ops.errors import Cancelled
-from merge_ops.spec import MergeSpec
 
-STAGES = ("resolve", "plan", "learn", "merge", "write", "publish")
+if TYPE_CHECKING:
+    from merge_ops.spec import MergeSpec
+
+class Channel(Protocol):
+    """Where a running merge reports progress and learns that it should stop. Called often
+    (every tensor, every step): implementations must be cheap."""
+
+    def progress(self, stage: str, step: int, total: int | None, loss: float | None = None) -> None: ...
+
+    def cancel_requested(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Callbacks:
+    """A Channel from two plain functions (scripts and tests)."""
+
+    on_progress: Callable[..., None] | None = None
+    on_cancel: Callable[[], bool] | None = None
+
+    def progress(self, stage: str, step: int, total: int | None, loss: float | None = None) -> None:
+        if self.on_progress is not None:
+            if loss is None:
+                self.on_progress(stage, step, total)
+            else:
+                self.on_progress(stage, step, total, loss)
+
+    def cancel_requested(self) -> bool:
+        return self.on_cancel is not None and bool(self.on_cancel())
+
+
+SILENT: Channel = Callbacks()
+
+
+def report(channel: Channel | None, stage: str, step: int, total: int | None, loss: float | None = None
+           ) -> None:
+    if channel is not None:
+        channel.progress(stage, step, total, loss)
+
+
+def check_cancel(channel: Channel | None) -> None:
+    """Call between steps: raises Cancelled when a cancel was requested."""
+    if channel is not None and channel.cancel_requested():
+        raise Cancelled("cancelled on request")
 
 
 @dataclass(frozen=True)
@@ -31,14 +77,6 @@ class ResolvedModel:
     commit: str | None = None  # the resolved commit sha (hub) or a content fingerprint (local)
 
 
-# progress(stage, step, total, loss=None): called often; implementations must be cheap.
-ProgressFn = Callable[..., None]
-
-
-def _no_progress(stage: str, step: int, total: int | None, loss: float | None = None) -> None:
-    return None
-
-
 @dataclass
 class JobContext:
     spec: MergeSpec
@@ -46,15 +84,20 @@ class JobContext:
     experts: list[ResolvedModel]
     out_dir: Path
     device: str = "cpu"
-    calibration: dict[str, Path] = field(default_factory=dict)  # expert name -> JSONL file
-    progress: ProgressFn = _no_progress
-    cancel_requested: Callable[[], bool] = lambda: False
+    calibration: dict[str, Path] = field(default_factory=dict)  # expert name -> local JSONL file
+    channel: Channel = SILENT
     job_id: str | None = None
 
+    @property
+    def params(self) -> dict[str, Any]:
+        """The method's parameters, resolved: global ones as values, model-scoped ones per expert."""
+        return self.spec.method_params()
+
+    def report(self, stage: str, step: int, total: int | None, loss: float | None = None) -> None:
+        self.channel.progress(stage, step, total, loss)
+
     def check_cancel(self) -> None:
-        """Call between steps: raises Cancelled when a cancel was requested."""
-        if self.cancel_requested():
-            raise Cancelled("cancelled on request")
+        check_cancel(self.channel)
 
 
 @dataclass

@@ -1,22 +1,32 @@
-"""The methods Alloy knows, declared as data: name, kind, parameters with defaults, paper.
-
-This module is the contract shared by the CLI (`alloy methods`), spec validation and the service,
-and it imports no torch: the API validates jobs without loading the math. Each method's math lives
-in the module named by `impl` and is imported only when a merge runs.
+"""How a merge method declares itself: parameters (defaults, bounds, choices, help), paper, kind and
+needs. Each method module holds one `METHOD = MethodDef(...)` beside its math; `merge_ops.methods`
+collects them. Nothing here imports torch: the API validates specs with these declarations.
 
 Parameter scopes follow mergekit: a `model` parameter may be set per expert (`experts[i].parameters`)
 and also globally as the default for every expert; a `global` parameter is set once. Parameters with
 `gradient=True` accept per-layer gradients and `{filter, value}` lists (see `params.py`).
+
+Every number is checked to be finite and within its bounds (±MAX_MAGNITUDE where none is declared:
+beyond that a merge only overflows), so a spec that passes never fails on a parameter value later.
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass, field
-from types import ModuleType
-from typing import Any, Literal
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from merge_ops import params as pv
+
+if TYPE_CHECKING:
+    from merge_ops.spec import MergeSpec
 
 Kind = Literal["static", "learned", "ot"]
+MAX_MAGNITUDE = 1e6
+MAX_STRING = 1000
+MAX_LIST = 256  # entries of a per-layer gradient or of a filter list
+MAX_FILTER = 256  # characters of a filter
 
 
 @dataclass(frozen=True)
@@ -28,10 +38,88 @@ class Param:
     scope: Literal["model", "global"] = "global"
     min: float | None = None
     max: float | None = None
+    min_inclusive: bool = True  # False: the value must be strictly above `min`
+    max_inclusive: bool = True
     choices: tuple[Any, ...] | None = None
     gradient: bool = False  # accepts per-layer gradients and filter lists
     required: bool = False
     nullable: bool = False  # None is a meaningful value (e.g. "auto")
+    check: Callable[[Any], str | None] | None = None  # a value's further rule: what is wrong, or None
+
+    def range_text(self) -> str | None:
+        """'[0, 1]', '(0, 1)', '> 0', ... for `alloy methods` (None when unbounded)."""
+        if self.min is not None and self.max is not None:
+            return (f"{'[' if self.min_inclusive else '('}{self.min:g}, "
+                    f"{self.max:g}{']' if self.max_inclusive else ')'}")
+        if self.min is not None:
+            return f"{'>=' if self.min_inclusive else '>'} {self.min:g}"
+        if self.max is not None:
+            return f"{'<=' if self.max_inclusive else '<'} {self.max:g}"
+        return None
+
+    def validate(self, value: Any, where: str) -> None:
+        """Raise ValueError('<where>: <what to fix>') unless `value` is acceptable."""
+        if value is None:
+            if self.nullable or (self.default is None and not self.required):
+                return
+            raise ValueError(f"{where}: needs a value ({self.help})")
+        if (pv.is_gradient(value) or pv.is_conditional(value)) and not self.gradient:
+            raise ValueError(f"{where}: takes a single value, not a per-layer list")
+        if isinstance(value, list) and len(value) > MAX_LIST:
+            raise ValueError(f"{where}: {len(value)} entries; at most {MAX_LIST}")
+        if pv.is_conditional(value):
+            for entry in value:
+                bad = set(entry) - {"filter", "value"}
+                if bad or "value" not in entry:
+                    raise ValueError(f"{where}: conditional entries are {{filter, value}}; got {entry}")
+                flt = entry.get("filter")
+                if flt is not None and (not isinstance(flt, str) or not flt or len(flt) > MAX_FILTER):
+                    raise ValueError(f"{where}: a filter is a non-empty substring of tensor names (at most "
+                                     f"{MAX_FILTER} characters), got {flt!r}")
+                inner = entry["value"]
+                if pv.is_conditional(inner):
+                    raise ValueError(f"{where}: a filter entry's value is a number or a per-layer list, "
+                                     "not another filter list")
+                if isinstance(inner, list) and len(inner) > MAX_LIST:
+                    raise ValueError(f"{where}: {len(inner)} entries; at most {MAX_LIST}")
+        for leaf in pv.leaves(value):
+            self._validate_leaf(leaf, where)
+
+    def _validate_leaf(self, leaf: Any, where: str) -> None:
+        if self.type is bool:
+            if not isinstance(leaf, bool):
+                raise ValueError(f"{where}: must be true or false, got {leaf!r}")
+            return
+        if self.type is str:
+            if not isinstance(leaf, str):
+                raise ValueError(f"{where}: must be a string, got {leaf!r}")
+            if len(leaf) > MAX_STRING:
+                raise ValueError(f"{where}: {len(leaf)} characters; at most {MAX_STRING}")
+        elif self.type in (int, float):
+            if isinstance(leaf, bool) or not isinstance(leaf, int | float):
+                raise ValueError(f"{where}: must be a number, got {leaf!r}")
+            if not math.isfinite(leaf):
+                raise ValueError(f"{where}: {leaf} is not a finite number")
+            if self.type is int and not float(leaf).is_integer():
+                raise ValueError(f"{where}: must be an integer, got {leaf!r}")
+            self._validate_bounds(leaf, where)
+        if self.choices is not None and leaf not in self.choices:
+            raise ValueError(f"{where}: {leaf!r} is not one of {list(self.choices)}")
+        if self.check is not None and (why := self.check(leaf)):
+            raise ValueError(f"{where}: {why}")
+
+    def _validate_bounds(self, leaf: float, where: str) -> None:
+        lo, hi = self.min, self.max
+        if lo is not None and leaf < lo:
+            raise ValueError(f"{where}: {leaf} is below the minimum {lo}")
+        if lo is not None and leaf == lo and not self.min_inclusive:
+            raise ValueError(f"{where}: must be above {lo:g}, got {leaf}")
+        if hi is not None and leaf > hi:
+            raise ValueError(f"{where}: {leaf} is above the maximum {hi}")
+        if hi is not None and leaf == hi and not self.max_inclusive:
+            raise ValueError(f"{where}: must be below {hi:g}, got {leaf}")
+        if abs(leaf) > MAX_MAGNITUDE:
+            raise ValueError(f"{where}: {leaf:g} is out of range: use a value within ±{MAX_MAGNITUDE:g}")
 
 
 @dataclass(frozen=True)
@@ -40,19 +128,22 @@ class MethodDef:
     kind: Kind
     summary: str
     paper: str
-    impl: str  # module holding the math
     params: tuple[Param, ...] = ()
     needs_base: bool = True
     min_experts: int = 1
     max_experts: int | None = None
-    needs_calibration: bool = False
-    aliases: tuple[str, ...] = field(default=())
+    needs_calibration: bool = False  # every expert needs a calibration set
+    mergekit_name: str | None = None  # mergekit's `merge_method` where it differs (static methods)
+    # rules across fields, run once the spec is otherwise valid: raise ValueError('<field>: <fix>')
+    check: Callable[[MergeSpec], None] | None = None
+    module: str = ""  # where the math lives: filled in by the registry (merge_ops.methods)
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
 
-    def module(self) -> ModuleType:
-        return importlib.import_module(self.impl)
+    @property
+    def reads_calibration(self) -> bool:
+        return self.needs_calibration or self.kind == "ot"
 
     @property
     def queue(self) -> str:
@@ -60,7 +151,7 @@ class MethodDef:
         return "cpu" if self.kind == "static" else "gpu"
 
 
-# -- shared parameter declarations -------------------------------------------------------------
+# -- parameters shared by the task-vector methods (task_arithmetic, ties, dare_*, breadcrumbs) ----
 WEIGHT = Param("weight", 1.0, "scale of this expert's task vector (or of the model, for linear)",
                scope="model", gradient=True)
 DENSITY = Param("density", 1.0, "fraction of task-vector entries kept per tensor", scope="model",
@@ -77,8 +168,9 @@ LINES = (
 )
 
 
-def _ta_family(name: str, summary: str, paper: str, impl: str, *, normalize: bool, rescale: bool | None,
-               density: bool, consensus: bool, extra: tuple[Param, ...] = ()) -> MethodDef:
+def task_vector_params(*, normalize: bool, rescale: bool | None, density: bool, consensus: bool,
+                       extra: tuple[Param, ...] = ()) -> tuple[Param, ...]:
+    """The parameters of a generalized-task-arithmetic method (static/task_vectors.py)."""
     params: list[Param] = [WEIGHT]
     if density:
         params.append(DENSITY)
@@ -90,148 +182,17 @@ def _ta_family(name: str, summary: str, paper: str, impl: str, *, normalize: boo
     if consensus:
         params.append(INT8_MASK)
     params += list(LINES)
-    return MethodDef(name, "static", summary, paper, impl, tuple(params))
+    return tuple(params)
 
 
-METHODS: dict[str, MethodDef] = {}
-
-
-def register(m: MethodDef) -> MethodDef:
-    METHODS[m.name] = m
-    return m
-
-
-register(MethodDef(
-    "linear", "static", "weighted average of the models' weights",
-    "Wortsman et al. 2022, Model soups, arXiv:2203.05482", "merge_ops.methods.linear",
-    (WEIGHT, Param("normalize", True, "divide by the sum of weights", type=bool)),
-    needs_base=False, min_experts=1,
-))
-register(_ta_family(
-    "task_arithmetic", "base + λ·Σ wᵢ·τᵢ over task vectors τᵢ = expertᵢ − base",
-    "Ilharco et al. 2023, Editing models with task arithmetic, arXiv:2212.04089",
-    "merge_ops.methods.task_arithmetic", normalize=False, rescale=None, density=False, consensus=False))
-register(_ta_family(
-    "ties", "trim each task vector to its top-density magnitudes, elect signs, disjoint mean",
-    "Yadav et al. 2023, TIES-Merging, arXiv:2306.01708", "merge_ops.methods.ties",
-    normalize=True, rescale=False, density=True, consensus=True))
-register(_ta_family(
-    "dare_linear", "random drop (keep prob. density) and rescale each task vector, then sum",
-    "Yu et al. 2024, Language models are Super Mario (DARE), arXiv:2311.03099", "merge_ops.methods.dare",
-    normalize=False, rescale=True, density=True, consensus=False))
-register(_ta_family(
-    "dare_ties", "DARE drop-and-rescale, then TIES sign election and disjoint merge",
-    "Yu et al. 2024, arXiv:2311.03099; Yadav et al. 2023, arXiv:2306.01708", "merge_ops.methods.dare_ties",
-    normalize=False, rescale=True, density=True, consensus=True))
-register(_ta_family(
-    "breadcrumbs", "drop the largest (gamma) and smallest magnitudes of each task vector, then sum",
-    "Davari & Belilovsky 2024, Model Breadcrumbs, arXiv:2312.06795", "merge_ops.methods.breadcrumbs",
-    normalize=False, rescale=False, density=True, consensus=False,
-    extra=(Param("gamma", 0.01, "fraction of largest-magnitude entries removed", scope="model",
-                 min=0.0, max=1.0, gradient=True),)))
-register(MethodDef(
-    "model_stock", "static", "interpolate the experts' mean toward the base by their task-vector angle",
-    "Jang et al. 2024, Model Stock, arXiv:2403.19522", "merge_ops.methods.model_stock",
-    (Param("filter_wise", False, "one ratio per output row instead of per tensor", type=bool),),
-    min_experts=2,
-))
-register(MethodDef(
-    "slerp", "static", "spherical interpolation between the base and one expert",
-    "Shoemake 1985; as used by mergekit", "merge_ops.methods.slerp",
-    (Param("t", None, "interpolation factor: 0 = base, 1 = expert", min=0.0, max=1.0, gradient=True,
-           required=True),),
-    min_experts=1, max_experts=1,
-))
-
-# -- learned methods: owned by merge_ops/learned ------------------------------------------------
-LEARN_COMMON = (
-    Param("steps", 500, "optimizer steps", type=int, min=1),
-    Param("batch_size", 16, "calibration samples per task per step", type=int, min=1),
-    Param("lr", 1e-3, "learning rate of the coefficients", min=0.0),
-)
-register(MethodDef(
-    "adamerging", "learned",
-    "learn task- or layer-wise coefficients by minimising prediction entropy on unlabelled data",
-    "Yang et al. 2024, AdaMerging, ICLR, arXiv:2310.02575", "merge_ops.learned.adamerging",
-    (
-        Param("granularity", "layer", "task: one coefficient per expert; layer: one per expert per "
-              "tensor; block: one per expert per transformer block", type=str,
-              choices=("task", "layer", "block")),
-        Param("init", 0.3, "initial coefficient", min=0.0, max=1.0),
-        Param("clamp", True, "clamp coefficients to [0, 1] in the forward pass", type=bool),
-        *LEARN_COMMON,
-        Param("plus", False, "AdaMerging++: learn over TIES-trimmed task vectors", type=bool),
-        Param("plus_density", 0.2, "TIES keep fraction for AdaMerging++", min=0.0, max=1.0),
-        Param("normalize_entropy", True, "divide each task's entropy by log(num_classes)", type=bool),
-        Param("diversity", None, "weight of the batch-mean prediction entropy bonus (guards against a "
-              "head collapsing onto one class; lower it for tasks with very skewed classes); default "
-              "(null): 3 for classification heads, 0 for causal LMs; 0 = the official loss",
-              nullable=True, min=0.0),
-    ),
-    needs_calibration=True, min_experts=1,
-))
-register(MethodDef(
-    "expert_merging", "learned",
-    "learn layer-wise (or chunk-wise: Expert Merging++) coefficients that align hidden states and "
-    "logits of the merged model with each expert",
-    "Zhang et al. 2025, Expert Merging, arXiv:2509.25712", "merge_ops.learned.expert_merging",
-    (
-        Param("chunked", False, "Expert Merging++: importance-guided chunk-wise coefficients", type=bool),
-        Param("alpha0", 0.1, "initial coefficient (per expert allowed)", scope="model", min=0.0, max=1.0),
-        Param("beta", 1.0, "per-task loss weight", scope="model", min=0.0),
-        Param("temperature", 1.0, "logit distillation temperature", min=0.0),
-        Param("hidden_layers", "middle", "hidden states aligned by MSE: 'middle' (HF hidden_states index "
-              "L//2), comma-separated indices (0 = embeddings), or 'none'", type=str),
-        Param("hidden_weight", 1.0, "weight of the hidden-state loss", min=0.0),
-        Param("gamma", 5.0, "weight of the L1 deviation of coefficients from alpha0 (mean over the "
-              "table, the paper's normalisation: the authors' code is K times stronger)", min=0.0),
-        Param("lr", 0.5, "AdamW learning rate in logit space", min=0.0),
-        Param("weight_decay", 1e-5, "AdamW weight decay", min=0.0),
-        Param("restart_period", 50, "CosineAnnealingWarmRestarts T_0 (T_mult 2, eta_min 0.1·lr)",
-              type=int, min=1),
-        Param("clip_grad", 1.0, "gradient norm clip (0 = off)", min=0.0),
-        Param("steps", 100, "optimizer steps (per stage for Expert Merging++)", type=int, min=1),
-        Param("batch_size", 8, "calibration samples per task per step", type=int, min=1),
-        Param("exclude", "(?i)(norm|embed|bias|lm_head)", "regex (searched) of tensors that keep the "
-              "base values; task-specific heads are never merged", type=str),
-        Param("chunk_budget", 2.0, "Expert Merging++ total chunks B as a multiple of the number of "
-              "merged tensors", min=0.0),
-        Param("kappa", 1.0, "Expert Merging++ concentration: 0 = uniform chunks", min=0.0),
-        Param("warm_start", True, "Expert Merging++ stage 2 starts from the stage-1 coefficients and "
-              "fixes m = 0 tensors at their stage-1 values (false: from alpha0, as the authors' code)",
-              type=bool),
-        Param("stage2_lr_scale", 0.1, "Expert Merging++ with warm_start: stage 2 learns at this × lr "
-              "(it refines stage 1; a cold stage 2 uses lr)", min=0.0),
-    ),
-    needs_calibration=True, min_experts=1,
-))
-register(MethodDef(
-    "ot_fusion", "ot",
-    "align neurons of models without a shared base by optimal transport, then average",
-    "Singh & Jaggi 2020, Model fusion via optimal transport, arXiv:1910.05653; "
-    "Imfeld et al. 2024, Transformer fusion with OT, arXiv:2310.05719", "merge_ops.ot.fusion",
-    (
-        Param("anchor", 0, "index of the model the others are aligned to", type=int, min=0),
-        Param("weight", None, "averaging weight of this model (default 1/N)", scope="model",
-              nullable=True, min=0.0),
-        Param("solver", "exact", "exact (ot.emd) or sinkhorn", type=str, choices=("exact", "sinkhorn")),
-        Param("reg", 0.05, "Sinkhorn entropic regularisation", min=0.0),
-        Param("ground_metric", "weights", "neuron features: weights or activations on calibration data",
-              type=str, choices=("weights", "activations")),
-        Param("qk", "separate", "attention Q/K maps: separate, or shared (one map from both); RoPE models "
-              "always share one map over whole kv heads", type=str, choices=("separate", "shared")),
-        Param("resid_policy", "mean", "residual stream: mean of the writers' maps, or joint (one map from "
-              "all writers' features)", type=str, choices=("mean", "joint")),
-    ),
-    needs_base=False, min_experts=2,
-))
-
-
-def get_method(name: str) -> MethodDef:
-    from merge_ops.errors import SpecError
-
-    m = METHODS.get(name)
-    if m is None:
-        raise SpecError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}",
-                        param="method")
-    return m
+# -- parameters shared by the learned methods ------------------------------------------------------
+def learn_params(*, steps: int, batch_size: int, lr: float,
+                 lr_help: str = "learning rate of the coefficients",
+                 steps_help: str = "optimizer steps") -> tuple[Param, ...]:
+    """steps, batch_size and lr, with a method's own defaults."""
+    return (
+        Param("steps", steps, steps_help, type=int, min=1),
+        Param("batch_size", batch_size, "calibration samples per task per step", type=int, min=1,
+              max=65536),
+        Param("lr", lr, lr_help, min=0.0),
+    )

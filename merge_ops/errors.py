@@ -50,3 +50,14 @@ class PublishError(AlloyError):
 
 class Cancelled(AlloyError):
     code = "cancelled"
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def pickle_refusal(what: str, pickles: list[str]) -> CheckpointError:
+    """The one refusal of pickled weights (a local folder, a hub repo): loading one runs code."""
+    return CheckpointError(
+        f"{what} holds only pickled weights ({', '.join(pickles[:3])}): Alloy never unpickles a model file, "
+        "because loading a pickle runs arbitrary code. Convert the checkpoint to safetensors, e.g. "
+        "`model.save_pretrained(dir, safe_serialization=True)` in a trusted environment", param=what)

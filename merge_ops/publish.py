@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from merge_ops.errors import InputError, PublishError
-from merge_ops.refs import is_repo_id
+from merge_ops.refs import check_ref_name, is_repo_id
 from merge_ops.sources import scrub
 
 JOB_TRAILER = "Alloy-Job-Id"
-_REF_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -63,11 +62,12 @@ def carries_job(text: str, job_id: str) -> bool:
 
 
 def _check_names(repo: str, branch: str, tag: str | None) -> None:
+    # the spec checked these already; a library caller may not have built one
     if not is_repo_id(repo):
         raise InputError(f"{repo!r} is not a repo id: use org/name (letters, digits, '_', '-', '.')")
     for what, name in (("branch", branch), ("tag", tag)):
-        if name is not None and (not _REF_NAME.match(name) or ".." in name):
-            raise InputError(f"{what} {name!r}: use letters, digits, '_', '-', '.', '/'")
+        if name is not None and (why := check_ref_name(name)):
+            raise InputError(f"{what} {why}")
 
 
 def _folder_files(folder: Path) -> list[tuple[str, Path]]:

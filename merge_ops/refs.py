@@ -17,10 +17,24 @@ from merge_ops.errors import SpecError
 _PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
 _REPO_ID = re.compile(rf"^{_PART}/{_PART}$")
 _REVISION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]{0,254}$")
+_REF_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]{0,127}$")  # a branch or tag we publish to
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def is_repo_id(s: str) -> bool:
     return bool(_REPO_ID.match(s)) and "--" not in s and ".." not in s
+
+
+def _is_revision(s: str) -> bool:
+    return bool(_REVISION.match(s)) and ".." not in s and not s.endswith(("/", "."))
+
+
+def check_ref_name(name: str) -> str | None:
+    """What is wrong with a branch or tag name to publish to (None: nothing)."""
+    if not _REF_NAME.match(name) or ".." in name or name.endswith(("/", ".")) or "//" in name:
+        return (f"{name!r}: a branch or tag is 1-128 letters, digits, '_', '-', '.', '/', starting with a "
+                "letter or digit, without '..' or a trailing '/' or '.'")
+    return None
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,9 @@ class ModelRef:
 
 
 def parse_model_ref(s: str) -> ModelRef:
+    if CONTROL.search(s):
+        raise SpecError(f"{s!r} holds a control character: give a local folder or a hub id like "
+                        "org/name@revision")
     s = s.strip()
     if not s:
         raise SpecError("empty model reference: give a local folder or a hub id like org/name@revision")
@@ -47,7 +64,7 @@ def parse_model_ref(s: str) -> ModelRef:
     if s.startswith(("/", "./", "../", "~")) or s in (".", ".."):
         return ModelRef(s, local_path=s)
     repo, at, rev = s.partition("@")
-    if is_repo_id(repo) and (not at or _REVISION.match(rev)):
+    if is_repo_id(repo) and (not at or _is_revision(rev)):
         return ModelRef(s, repo_id=repo, revision=rev or None)
     raise SpecError(
         f"{s!r} is neither a local folder (start it with /, ./ or ../) nor a hub repo id "

@@ -1,8 +1,9 @@
 """Run one MergeSpec in-process: resolve → (learn) → merge → write, then optionally publish.
 
 This is the one entry point both `alloy merge` and the Celery worker use, so a merge behaves the
-same on a laptop and in the service. Stages report through `progress(stage, step, total, loss)` and
-cancellation is checked between steps through `cancel_requested()`.
+same on a laptop and in the service. Stages report through one Channel (context.py):
+`progress(stage, step, total, loss)`, and cancellation is checked between steps through
+`cancel_requested()`. The spec was validated when it was built; nothing here checks it again.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from merge_ops.errors import AlloyError, InputError
-from merge_ops.job import JobContext, MethodResult, ProgressFn, ResolvedModel, _no_progress
+from merge_ops.calibration import calibration_files
+from merge_ops.context import SILENT, Channel, JobContext, MethodResult, ResolvedModel, report
+from merge_ops.errors import InputError
 from merge_ops.spec import MergeSpec
 
 
@@ -39,17 +41,17 @@ class MergeOutcome:
     extra: dict = field(default_factory=dict)
 
 
-def resolve_inputs(spec: MergeSpec, opts: ResolveOptions, progress: ProgressFn = _no_progress
+def resolve_inputs(spec: MergeSpec, opts: ResolveOptions, channel: Channel | None = None
                    ) -> tuple[ResolvedModel | None, list[ResolvedModel]]:
     from merge_ops.sources import resolve
 
     refs = ([spec.base] if spec.base else []) + [e.model for e in spec.experts]
     out: list[ResolvedModel] = []
     for i, ref in enumerate(refs):
-        progress("resolve", i, len(refs))
+        report(channel, "resolve", i, len(refs))
         out.append(resolve(ref, token=opts.token, endpoint=opts.endpoint, cache_dir=opts.cache_dir,
                            allowed_roots=opts.allowed_roots))
-    progress("resolve", len(refs), len(refs))
+    report(channel, "resolve", len(refs), len(refs))
     return (out[0], out[1:]) if spec.base else (None, out)
 
 
@@ -58,38 +60,38 @@ def run_merge(
     out_dir: Path,
     *,
     device: str = "cpu",
-    progress: ProgressFn | None = None,
-    cancel_requested: Callable[[], bool] | None = None,
+    channel: Channel | None = None,
     job_id: str | None = None,
     resolve_options: ResolveOptions | None = None,
-    calibration: dict[str, Path] | None = None,
+    find_calibration_set: Callable[[str], Path | None] | None = None,
 ) -> MergeOutcome:
     """Merge into `out_dir` (created; must be empty or absent). Raises AlloyError subclasses.
 
-    The checkpoint is written into a temporary sibling folder and renamed into place at the end, so
-    a failed or cancelled merge never leaves a half-written model where the caller looks for one.
+    Calibration references resolve to local files first (a set id through `find_calibration_set`:
+    the service's store), so a missing set fails before any model is downloaded. The checkpoint is
+    written into a temporary sibling folder and renamed into place at the end, so a failed or
+    cancelled merge never leaves a half-written model where the caller looks for one.
     """
     from merge_ops.card import write_card
 
     t0 = time.perf_counter()
-    progress = progress or _no_progress
+    channel = channel or SILENT
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise InputError(f"output folder {out_dir} is not empty: choose a new folder or empty it")
-    base, experts = resolve_inputs(spec, resolve_options or ResolveOptions(), progress)
-    cal = calibration if calibration is not None else _local_calibration(spec)
+    cal = calibration_files(spec, find_calibration_set)
+    base, experts = resolve_inputs(spec, resolve_options or ResolveOptions(), channel)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         ctx = JobContext(spec=spec, base=base, experts=experts, out_dir=tmp, device=device,
-                         calibration=cal, progress=progress,
-                         cancel_requested=cancel_requested or (lambda: False), job_id=job_id)
+                         calibration=cal, channel=channel, job_id=job_id)
         ctx.check_cancel()
-        result = _method_runner(spec)(ctx)
-        progress("write", 0, 1)
+        result = run_method(ctx)
+        ctx.report("write", 0, 1)
         result.metrics.setdefault("seconds", round(time.perf_counter() - t0, 3))
         write_card(tmp, spec, base, experts, result, job_id=job_id)
-        progress("write", 1, 1)
+        ctx.report("write", 1, 1)
         if out_dir.exists():
             out_dir.rmdir()
         tmp.rename(out_dir)
@@ -99,30 +101,22 @@ def run_merge(
     return MergeOutcome(out_dir, base, experts, result, time.perf_counter() - t0)
 
 
-def _method_runner(spec: MergeSpec) -> Callable[[JobContext], MethodResult]:
-    m = spec.method_def()
+def run_method(ctx: JobContext) -> MethodResult:
+    """Run the spec's method on resolved inputs: static methods through the streaming driver, learned
+    ones through the learned driver, OT fusion through its own `run`."""
+    from merge_ops.methods import implementation
+
+    m = ctx.spec.method_def()
     if m.kind == "static":
-        from merge_ops.merge import run
+        from merge_ops.static import driver
 
-        return run
-    module = m.module()
-    if not hasattr(module, "run"):
-        raise AlloyError(f"method {m.name} is declared but its runner is missing")
-    return module.run
+        return driver.run(ctx)
+    module = implementation(m)
+    if m.kind == "learned":
+        from merge_ops.learned import driver as learned
 
-
-def _local_calibration(spec: MergeSpec) -> dict[str, Path]:
-    """Calibration entries that are file paths (the service maps set ids to files itself)."""
-    if spec.calibration is None:
-        return {}
-    out = {}
-    for task, src in spec.calibration.tasks.items():
-        p = Path(src).expanduser()
-        if not p.is_file():
-            raise InputError(f"calibration data for {task!r}: {src!r} is not a file (JSONL expected)",
-                             param=f"calibration.tasks.{task}")
-        out[task] = p
-    return out
+        return learned.run(ctx, module)
+    return module.run(ctx)
 
 
 def publish_result(outcome: MergeOutcome, spec: MergeSpec, publisher, *, job_id: str | None = None):

@@ -17,15 +17,14 @@ import re
 import struct
 from pathlib import Path
 
-from merge_ops.errors import AlloyError, CheckpointError, InputError
-from merge_ops.job import ResolvedModel
+from merge_ops.context import ResolvedModel
+from merge_ops.errors import PICKLE_SUFFIXES, AlloyError, CheckpointError, InputError, pickle_refusal
 from merge_ops.refs import ModelRef, parse_model_ref
 
 # What a merge needs from a repo: weights (safetensors only), configs, tokenizer files.
 HUB_ALLOW_PATTERNS = [
     "*.safetensors", "*.json", "tokenizer*", "*.model", "*.tiktoken", "*.jinja", "vocab.txt", "merges.txt",
 ]
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _SAMPLES = 16  # data blocks sampled per safetensors file by the local fingerprint
 _BLOCK = 4096
 _MAX_HEADER = 100_000_000  # safetensors' own header limit
@@ -72,10 +71,7 @@ def check_weights(folder: Path, what: str) -> None:
         return
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise CheckpointError(
-            f"{what} holds only pickled weights ({', '.join(pickles[:3])}): Alloy does not load pickles "
-            "(they can run code). Convert the checkpoint to safetensors, e.g. "
-            "`model.save_pretrained(dir, safe_serialization=True)`", param=what)
+        raise pickle_refusal(what, pickles)
     raise CheckpointError(f"{what} holds no *.safetensors weights", param=what)
 
 
@@ -144,12 +140,12 @@ def _resolve_hub(r: ModelRef, *, token: str | None, endpoint: str | None,
     sha, files = _hub_info(r, token=token, endpoint=endpoint)
     top = [f for f in files if "/" not in f]
     if not any(f.endswith(".safetensors") for f in top):
+        where = f"hub repo {r.repo_id}@{r.revision or 'main'} (commit {sha[:12]})"
         pickles = [f for f in top if f.endswith(PICKLE_SUFFIXES)]
-        why = (f"only pickled weights ({', '.join(pickles[:3])}), which Alloy does not load" if pickles
-               else "no *.safetensors weights")
-        raise CheckpointError(f"hub repo {r.repo_id}@{r.revision or 'main'} (commit {sha[:12]}) has {why}: "
-                              "push a safetensors copy (save_pretrained(..., safe_serialization=True))",
-                              param=r.raw)
+        if pickles:
+            raise pickle_refusal(where, pickles)
+        raise CheckpointError(f"{where} has no *.safetensors weights: push a safetensors copy "
+                              "(save_pretrained(..., safe_serialization=True))", param=r.raw)
     token, endpoint = _settings(token, endpoint)
     try:
         folder = snapshot_download(r.repo_id, revision=sha, endpoint=endpoint, token=token,

@@ -9,33 +9,51 @@
     parameters: {lambda: 1.0}           # method parameters; model-scoped ones act as defaults
     dtype: float32                      # compute dtype
     out_dtype: bfloat16                 # output dtype (default: the base's)
-    calibration:                        # learned methods only
+    calibration:                        # learned methods and activation-based OT fusion
       tasks: {code: ./calib/code.jsonl} # expert name -> JSONL file or calibration-set id
     publish: {repo: team/merged}        # optional
     seed: 0
 
-Validation is complete before anything runs: unknown method or parameter, wrong types, values
-out of range, too few experts, duplicate experts, bad repo ids are all refused with a message that
-names the field. Nothing here imports torch.
+Validation is complete when a spec is built, and nothing else validates it again: unknown method or
+parameter, wrong types, non-finite numbers, values out of range (inclusive or exclusive bounds),
+regexes that do not compile, too few experts, duplicate experts, bad refs (control characters, `..`
+in a branch or tag), oversized lists and strings, and each method's own cross-field rules
+(`MethodDef.check`) are all refused with a message that names the field. `load_spec` (the CLI) also
+reads the calibration files it names (calibration.check_calibration). Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from merge_ops import params as pv
-from merge_ops.catalog import METHODS, MethodDef, Param
+from merge_ops.calibration import CalibrationRefField, calibration_files, check_calibration
+from merge_ops.declare import MethodDef
 from merge_ops.errors import SpecError
-from merge_ops.refs import is_repo_id, parse_model_ref
+from merge_ops.methods import MERGEKIT_NAMES, METHODS
+from merge_ops.refs import CONTROL, check_ref_name, is_repo_id, parse_model_ref
 
 DType = Literal["float32", "bfloat16", "float16", "float64"]
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d{1,15}(?:\.\d{1,9})?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
+MAX_EXPERTS = 64
+MAX_PARAMETERS = 64
+MAX_PATTERNS = 64
+MAX_SHARD = 10**15  # a petabyte: beyond any checkpoint
+Ref = Annotated[str, StringConstraints(max_length=4096)]
+Label = Annotated[str, StringConstraints(max_length=200)]
 
 
 def parse_size(s: str | int) -> int:
@@ -49,13 +67,13 @@ def parse_size(s: str | int) -> int:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ExpertSpec(_Strict):
-    model: str = Field(description="local folder or hub id org/name@revision")
-    name: str | None = Field(None, description="task name (defaults to the folder or repo name)")
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    model: Ref = Field(description="local folder or hub id org/name@revision")
+    name: str | None = Field(None, max_length=64, description="task name (defaults to the folder or repo name)")
+    parameters: dict[str, Any] = Field(default_factory=dict, max_length=MAX_PARAMETERS)
 
     @field_validator("model")
     @classmethod
@@ -64,16 +82,18 @@ class ExpertSpec(_Strict):
 
 
 class CalibrationSpec(_Strict):
-    tasks: dict[str, str] = Field(description="expert name -> JSONL file or calibration-set id")
-    samples_per_task: int | None = Field(None, ge=1, description="sample this many per task (None: all)")
+    tasks: dict[str, CalibrationRefField] = Field(
+        max_length=MAX_EXPERTS, description="expert name -> JSONL file or calibration-set id")
+    samples_per_task: int | None = Field(None, ge=1, le=1_000_000,
+                                         description="sample this many per task (None: all)")
     max_length: int = Field(64, ge=1, le=8192, description="token length cap for text samples")
 
 
 class PublishSpec(_Strict):
-    repo: str = Field(description="target repo id, org/name")
+    repo: str = Field(max_length=200, description="target repo id, org/name")
     hub: Literal["local", "hf"] = "local"
-    branch: str = "main"
-    tag: str | None = None
+    branch: str = Field("main", max_length=128)
+    tag: str | None = Field(None, max_length=128)
     private: bool = True
 
     @field_validator("repo")
@@ -83,33 +103,48 @@ class PublishSpec(_Strict):
             raise ValueError(f"{v!r} is not a repo id: use org/name (letters, digits, '_', '-', '.')")
         return v
 
+    @field_validator("branch", "tag")
+    @classmethod
+    def _ref_name(cls, v: str | None) -> str | None:
+        if v is not None and (why := check_ref_name(v)):
+            raise ValueError(why)
+        return v
+
 
 class NotifySpec(_Strict):
-    url: str = Field(description="http(s) URL that receives the job on a terminal state")
+    url: str = Field(max_length=2048, description="http(s) URL that receives the job on a terminal state")
 
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        if not re.match(r"^https?://[^\s/]+", v):
+        if not re.match(r"^https?://[^\s/]+", v) or CONTROL.search(v) or re.search(r"\s", v):
             raise ValueError("notify.url must be an http:// or https:// URL")
         return v
 
 
 class MergeSpec(_Strict):
-    name: str | None = Field(None, description="a label for the merged model")
-    method: str
-    base: str | None = None
-    experts: list[ExpertSpec] = Field(min_length=1)
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    name: Label | None = Field(None, description="a label for the merged model")
+    method: str = Field(max_length=64)
+    base: Ref | None = None
+    experts: list[ExpertSpec] = Field(min_length=1, max_length=MAX_EXPERTS)
+    parameters: dict[str, Any] = Field(default_factory=dict, max_length=MAX_PARAMETERS)
     dtype: DType = "float32"
     out_dtype: DType | None = None
-    task_specific: list[str] = Field(
-        default_factory=list, description="regexes of tensors each task keeps (e.g. classification heads)")
+    task_specific: list[Annotated[str, StringConstraints(max_length=512)]] = Field(
+        default_factory=list, max_length=MAX_PATTERNS,
+        description="regexes of tensors each task keeps (e.g. classification heads)")
     calibration: CalibrationSpec | None = None
     publish: PublishSpec | None = None
     notify: NotifySpec | None = None
-    shard_size: str = "2GB"
-    seed: int = 0
+    shard_size: str = Field("2GB", max_length=32)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+
+    @field_validator("name")
+    @classmethod
+    def _label(cls, v: str | None) -> str | None:
+        if v is not None and CONTROL.search(v):
+            raise ValueError("the name holds a control character")
+        return v
 
     @field_validator("base")
     @classmethod
@@ -131,6 +166,8 @@ class MergeSpec(_Strict):
     def _shard(cls, v: str) -> str:
         if parse_size(v) < 1_000_000:
             raise ValueError("shard_size must be at least 1MB")
+        if parse_size(v) > MAX_SHARD:
+            raise ValueError("shard_size must be at most 1PB")
         return v
 
     @model_validator(mode="after")
@@ -158,28 +195,35 @@ class MergeSpec(_Strict):
         dupn = next((x for x in names if names.count(x) > 1), None)
         if dupn is not None:
             raise ValueError(f"two experts are named {dupn!r}: give them distinct `name`s")
-        _check_params(m, self.parameters, where="parameters", allow_model_scope=True)
+        _check_params(m, self.parameters, where="parameters")
         for i, e in enumerate(self.experts):
-            _check_params(m, e.parameters, where=f"experts[{i}].parameters", allow_model_scope=True,
-                          model_only=True)
+            _check_params(m, e.parameters, where=f"experts[{i}].parameters", model_only=True)
         for p in m.params:
             if p.required and p.name not in self.parameters and not all(
                     p.name in e.parameters for e in self.experts):
                 raise ValueError(f"method {m.name} needs parameter {p.name!r} ({p.help})")
-        if m.needs_calibration:
-            if self.calibration is None:
-                raise ValueError(f"method {m.name} learns on unlabelled data: add `calibration.tasks` "
-                                 "mapping each expert name to a JSONL file or calibration-set id")
-            missing = [x for x in names if x not in self.calibration.tasks]
-            if missing:
-                raise ValueError(f"calibration.tasks has no data for expert(s) {missing}; "
-                                 f"keys must be the expert names {names}")
-            extra = [x for x in self.calibration.tasks if x not in names]
-            if extra:
-                raise ValueError(f"calibration.tasks names unknown expert(s) {extra}; experts: {names}")
+        self._check_calibration(m, names)
+        if m.check is not None:
+            m.check(self)
         return self
 
-    # -- helpers used by the runner -------------------------------------------------------------
+    def _check_calibration(self, m: MethodDef, names: list[str]) -> None:
+        if self.calibration is None:
+            if m.needs_calibration:
+                raise ValueError(f"method {m.name} learns on unlabelled data: add `calibration.tasks` "
+                                 "mapping each expert name to a JSONL file or calibration-set id")
+            return
+        if not m.reads_calibration:
+            raise ValueError(f"calibration: method {m.name} reads no calibration data: remove `calibration`")
+        missing = [x for x in names if x not in self.calibration.tasks]
+        if m.needs_calibration and missing:
+            raise ValueError(f"calibration.tasks has no data for expert(s) {missing}; "
+                             f"keys must be the expert names {names}")
+        extra = [x for x in self.calibration.tasks if x not in names]
+        if extra:
+            raise ValueError(f"calibration.tasks names unknown expert(s) {extra}; experts: {names}")
+
+    # -- resolved values, for the methods ------------------------------------------------------
     def method_def(self) -> MethodDef:
         return METHODS[self.method]
 
@@ -201,6 +245,17 @@ class MergeSpec(_Strict):
         p = self.method_def().param(name)
         return p.default if p else None
 
+    def method_params(self) -> dict[str, Any]:
+        """Every parameter of the method: a global one's value, a model-scoped one's list per expert
+        (values as written: per-layer lists are resolved per tensor by the static driver)."""
+        out: dict[str, Any] = {}
+        for p in self.method_def().params:
+            if p.scope == "global":
+                out[p.name] = self.global_param(p.name)
+            else:
+                out[p.name] = [self.model_param_value(i, p.name) for i in range(len(self.experts))]
+        return out
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
@@ -220,8 +275,7 @@ def _default_name(ref: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", base)[:64] or "expert"
 
 
-def _check_params(m: MethodDef, values: dict[str, Any], *, where: str, allow_model_scope: bool,
-                  model_only: bool = False) -> None:
+def _check_params(m: MethodDef, values: dict[str, Any], *, where: str, model_only: bool = False) -> None:
     for key, val in values.items():
         p = m.param(key)
         if p is None:
@@ -230,47 +284,12 @@ def _check_params(m: MethodDef, values: dict[str, Any], *, where: str, allow_mod
         if model_only and p.scope != "model":
             raise ValueError(f"{where}: {key!r} is a global parameter of {m.name}; set it under the "
                              "top-level `parameters`, not per expert")
-        _check_value(m, p, val, where=f"{where}.{key}")
-
-
-def _check_value(m: MethodDef, p: Param, val: Any, *, where: str) -> None:
-    if val is None:
-        if p.nullable or (p.default is None and not p.required):
-            return
-        raise ValueError(f"{where}: needs a value ({p.help})")
-    if (pv.is_gradient(val) or pv.is_conditional(val)) and not p.gradient:
-        raise ValueError(f"{where}: takes a single value, not a per-layer list")
-    if pv.is_conditional(val):
-        for entry in val:
-            bad = set(entry) - {"filter", "value"}
-            if bad or "value" not in entry:
-                raise ValueError(f"{where}: conditional entries are {{filter, value}}; got {entry}")
-    for leaf in pv.leaves(val):
-        if p.type is bool:
-            if not isinstance(leaf, bool):
-                raise ValueError(f"{where}: must be true or false, got {leaf!r}")
-            continue
-        if p.type is str:
-            if not isinstance(leaf, str):
-                raise ValueError(f"{where}: must be a string, got {leaf!r}")
-        elif p.type in (int, float):
-            if isinstance(leaf, bool) or not isinstance(leaf, int | float):
-                raise ValueError(f"{where}: must be a number, got {leaf!r}")
-            if p.type is int and not float(leaf).is_integer():
-                raise ValueError(f"{where}: must be an integer, got {leaf!r}")
-            if p.min is not None and leaf < p.min:
-                raise ValueError(f"{where}: {leaf} is below the minimum {p.min}")
-            if p.max is not None and leaf > p.max:
-                raise ValueError(f"{where}: {leaf} is above the maximum {p.max}")
-        if p.choices is not None and leaf not in p.choices:
-            raise ValueError(f"{where}: {leaf!r} is not one of {list(p.choices)}")
+        p.validate(val, f"{where}.{key}")
 
 
 # -- mergekit YAML ------------------------------------------------------------------------------
 _MERGEKIT_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
                   "slices", "tokenizer_source", "tokenizer", "chat_template", "name"}
-_MERGEKIT_METHODS = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-                     "model_stock", "slerp"}
 
 
 def from_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
@@ -282,19 +301,24 @@ def from_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
         raise SpecError("mergekit `slices` (layer ranges / frankenmerges) are not supported yet: "
                         "list whole `models:` instead")
     method = doc["merge_method"]
-    if method not in _MERGEKIT_METHODS:
+    if not isinstance(method, str) or method not in MERGEKIT_NAMES:
         raise SpecError(f"mergekit method {method!r} is not supported; supported: "
-                        f"{', '.join(sorted(_MERGEKIT_METHODS))}")
+                        f"{', '.join(sorted(MERGEKIT_NAMES))}")
     base = doc.get("base_model")
+    models = doc.get("models") or []
+    if not isinstance(models, list):
+        raise SpecError("mergekit `models` is a list of {model, parameters} entries")
     experts = []
-    for entry in doc.get("models") or []:
-        model = entry["model"] if isinstance(entry, dict) else entry
+    for entry in models:
+        model = entry.get("model") if isinstance(entry, dict) else entry
+        if not isinstance(model, str):
+            raise SpecError(f"mergekit `models` entry {entry!r} needs a `model`")
         params = (entry.get("parameters") or {}) if isinstance(entry, dict) else {}
         if model == base:
             # mergekit lets the base appear in `models` (e.g. for slerp/linear); it carries no task vector
             continue
         experts.append({"model": model, "parameters": params})
-    out: dict[str, Any] = {"method": method, "experts": experts,
+    out: dict[str, Any] = {"method": MERGEKIT_NAMES[method], "experts": experts,
                            "parameters": doc.get("parameters") or {}}
     if base is not None:
         out["base"] = base
@@ -325,10 +349,13 @@ def format_validation_error(e: ValidationError) -> str:
 
 
 def load_spec(path: str | Path) -> MergeSpec:
-    """Read a spec file; relative local model paths are taken relative to the file's folder."""
+    """Read a spec file: relative local paths (models, calibration files) are taken relative to the
+    file's folder, and the calibration files it names are read and checked (set ids are left to the
+    service)."""
     p = Path(path)
-    spec = spec_from_dict(read_yaml(p, "spec file"))
-    return _anchor_paths(spec, p.resolve().parent)
+    spec = _anchor_paths(spec_from_dict(read_yaml(p, "spec file")), p.resolve().parent)
+    check_calibration(spec, calibration_files(spec, skip_sets=True))
+    return spec
 
 
 def read_yaml(path: Path, what: str) -> Any:
@@ -352,8 +379,9 @@ def _anchor_paths(spec: MergeSpec, root: Path) -> MergeSpec:
         data["base"] = fix(data["base"])
     for e in data["experts"]:
         e["model"] = fix(e["model"])
-    cal = data.get("calibration")
-    if cal:
-        cal["tasks"] = {k: (str((root / v).resolve()) if v.startswith(("./", "../")) else v)
-                        for k, v in cal["tasks"].items()}
+    cal = spec.calibration
+    if cal is not None:
+        data["calibration"]["tasks"] = {
+            k: str((root / r.path).resolve()) if r.path is not None and not r.path.startswith(("/", "~")) else r.raw
+            for k, r in cal.tasks.items()}
     return MergeSpec.model_validate(data)

@@ -14,7 +14,7 @@ from tests.hub_fixtures import hub_server  # noqa: F401  (a Hub-API test server,
 def tiny_llama(tmp_path: Path) -> Callable[..., tuple[Path, list[Path]]]:
     """Factory: `tiny_llama(n_experts=2, shard_size=None, **dims)` writes a bf16 Llama base and
     n perturbed experts under tmp_path and returns (base, [experts])."""
-    from merge_ops.toy_models import make_experts, write_llama
+    from tests.toy_models import make_experts, write_llama
 
     def make(n_experts: int = 2, *, shard_size: int | None = None, root: str = "models",
              **dims) -> tuple[Path, list[Path]]:

@@ -1,4 +1,4 @@
-"""Small Llama-style checkpoints for tests, the demo and benchmarks, written without transformers.
+"""Small Llama-style checkpoints for the tests, the demo and the benchmarks, written without transformers.
 
 `write_llama` writes a folder that `transformers.AutoModelForCausalLM` loads as LlamaForCausalLM
 (config.json + safetensors with the exact HF tensor names), from a fixed seed. `make_experts`

@@ -28,7 +28,7 @@ import torch
 from torch.func import functional_call
 
 from merge_ops.errors import CheckpointError, SpecError
-from merge_ops.learned.calibration import Batch
+from merge_ops.learned.batches import Batch
 from merge_ops.learned.packing import Packing, pack
 
 
@@ -82,7 +82,7 @@ class Adapter:
         """Run a 3-row probe batch packed and padded on the module's own (base) tensors: packing is
         used only if the two agree, so an architecture that ignores position ids or 4-D masks is
         still run correctly (padded)."""
-        from merge_ops.learned.calibration import collate
+        from merge_ops.learned.batches import collate
 
         vocab = int(getattr(self.module.config, "vocab_size", 8) or 8)
         rows = [[(7 * i + j) % (vocab - 1) + 1 for j in range(n)] for i, n in enumerate([6, 2, 3])]

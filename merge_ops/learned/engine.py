@@ -10,25 +10,20 @@ parameters (`merged_params()`), which an adapter (adapters.py) feeds to the base
 `expert_params(k)` gives expert k's own weights (θ₀ + τ_k) through the same path, so a distillation
 loss needs no teacher model in memory.
 
-How a learned method plugs in (AdaMerging in adamerging.py is the worked example):
-    1. inputs = load_merge_inputs(base_dir, expert_dirs, names, task_specific=..., dtype=...)
-    2. groups = ParamGroups(inputs.merged_shapes(), "layer" | "task" | "block" | "chunk", chunks=...)
-    3. engine = MergeEngine(inputs, groups, init=..., parameterisation="clamp" | "sigmoid")
-    4. write a loss: `def loss_fn(step, s: Step) -> None` that draws its calibration batches and,
-       per task, calls `s.backward(term)` on a scalar computed from
-       `adapter.forward(s.params, inputs.heads[task], batch)` (for a teacher:
-       `adapter.forward(engine.expert_params(k), ...)` under no_grad, cached if it is reused);
-       a regulariser is one more term built on `engine.coefficients()`
-    5. result = fit(engine, loss_fn, steps=..., optimizer=..., progress=ctx.progress, check_cancel=...)
-    6. outputs.write_outputs(ctx, inputs, engine, ...) writes the checkpoint, heads and the table.
+A learned method (methods/adamerging.py is the worked example) gets MergeInputs, an adapter and its
+calibration samples from the learned driver (driver.py), builds
+    groups = ParamGroups(inputs.merged_shapes(), "layer" | "task" | "block" | "chunk", chunks=...)
+    engine = MergeEngine(inputs, groups, init=..., parameterisation="clamp" | "sigmoid")
+and a loss `loss_fn(step, s: Step) -> None` that draws its calibration batches and, per task, calls
+`s.backward(term)` on a scalar computed from `adapter.forward(s.params, inputs.heads[task], batch)`
+(a regulariser is one more term built on `engine.coefficients()`); the driver runs `fit` and writes
+the checkpoint, heads and the table.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
-import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +31,9 @@ from pathlib import Path
 
 import torch
 
+from merge_ops import memory
 from merge_ops.checkpoint import CheckpointReader
+from merge_ops.context import Channel, check_cancel, report
 from merge_ops.errors import CheckpointError, MergeFailed, SpecError
 from merge_ops.learned.coefficients import Coefficients
 from merge_ops.learned.groups import ParamGroups
@@ -54,11 +51,6 @@ class MergeInputs:
 
     def merged_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         return [(n, tuple(t.shape[1:])) for n, t in self.task_vectors.items()]
-
-    def nbytes(self) -> int:
-        ts = [*self.base.values(), *self.task_vectors.values()]
-        ts += [t for h in self.heads.values() for t in h.values()]
-        return sum(t.numel() * t.element_size() for t in ts)
 
 
 def load_merge_inputs(base_dir: Path, expert_dirs: Sequence[Path], experts: Sequence[str], *,
@@ -146,7 +138,10 @@ def ties_trim(inputs: MergeInputs, density: float) -> None:
 
 
 class MergeEngine(torch.nn.Module):
-    """θ(c) over MergeInputs; `raw` [groups, K] is the only trainable tensor."""
+    """θ(c) over MergeInputs; `raw` [groups, K] is the only trainable tensor.
+
+    A chunked tensor (Expert Merging++) merges slice by slice, so autograd saves views of τ rather
+    than a [K, numel] per-entry coefficient map."""
 
     def __init__(self, inputs: MergeInputs, groups: ParamGroups, *, init: float | Sequence[float] = 0.3,
                  parameterisation: str = "clamp", fixed: float | Sequence[float] | None = None):
@@ -169,7 +164,6 @@ class MergeEngine(torch.nn.Module):
             raw0 = init_t
         self.raw = torch.nn.Parameter(raw0.repeat(groups.n_groups, 1).clone())
         self.register_buffer("fixed", _per_expert(init if fixed is None else fixed, k, "fixed"))
-        self._sizes = {n: s.chunk_sizes() for n, s in groups.slots.items() if s.chunks > 1}
 
     def coefficients(self) -> torch.Tensor:
         """Effective table [groups, K]: clamped to [0, 1], squashed by a sigmoid, or raw ("none")."""
@@ -194,9 +188,8 @@ class MergeEngine(torch.nn.Module):
             delta = c[slot.row].to(tv.dtype) @ flat  # one fused K-term sum, no K temporaries
         else:
             rows = c[slot.row: slot.row + slot.chunks].to(tv.dtype)  # [m, K]
-            sizes = torch.tensor(self._sizes[name], device=tv.device)
-            per_entry = rows.t().repeat_interleave(sizes, dim=1)  # [K, numel]
-            delta = (per_entry * flat).sum(0)
+            segs = flat.split(slot.chunk_sizes(), dim=1)
+            delta = torch.cat([rows[s] @ seg for s, seg in enumerate(segs)])
         return base + delta.view(base.shape)
 
     def merged_params(self) -> dict[str, torch.Tensor]:
@@ -234,35 +227,7 @@ class FitResult:
     seconds: float
     step_seconds: float  # mean over steps after the first (the first pays one-off costs)
     steps: int
-    stopped_early: bool = False
     peak_memory: dict[str, float] = field(default_factory=dict)
-
-
-def reset_peak_memory(device: str | torch.device = "cpu") -> None:
-    """Start a new peak-memory window (a worker runs many jobs; each reports its own peak).
-
-    Linux: writing 5 to /proc/self/clear_refs resets VmHWM; elsewhere the peak stays process-wide."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    if torch.device(device).type == "cuda" and torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_memory(device: str | torch.device = "cpu") -> dict[str, float]:
-    """Peak RSS since the last reset_peak_memory() (VmHWM; ru_maxrss where /proc is missing) and,
-    on CUDA, the allocator's peak, in MiB."""
-    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                out["peak_rss_mib"] = int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    if torch.device(device).type == "cuda" and torch.cuda.is_available():
-        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    return out
 
 
 class Step:
@@ -296,59 +261,34 @@ class Step:
         self._merged = {}
 
 
-def fit(engine: MergeEngine, loss_fn: Callable[[int, Step], None] | Callable[[int], torch.Tensor], *,
-        steps: int,
+def fit(engine: MergeEngine, loss_fn: Callable[[int, Step], None], *, steps: int,
         optimizer: torch.optim.Optimizer, scheduler: object | None = None, clip_grad: float | None = None,
-        patience: int | None = None, min_delta: float = 1e-4,
-        progress: Callable[..., None] | None = None, check_cancel: Callable[[], None] | None = None,
-        stage: str = "learn") -> FitResult:
-    """Run `steps` optimizer steps. Two loss styles:
+        channel: Channel | None = None, offset: int = 0, total: int | None = None) -> FitResult:
+    """Run `steps` optimizer steps; `loss_fn(step, s)` calls `s.backward(term)` per term, forwarding
+    `s.params` (one term's activations alive at a time; the step's loss is the sum of its terms).
 
-    * `loss_fn(step, s: Step) -> None` calls `s.backward(term)` per term, forwarding `s.params`
-      (memory-lean: one term's activations alive at a time; the step's loss is the sum of terms);
-    * `loss_fn(step) -> Tensor` returns the whole loss, built on `engine.merged_params()`.
-
-    `patience`: stop when the best loss has not improved by `min_delta` (relative) for that many
-    steps. A NaN/Inf loss fails the job rather than producing a silently wrong model."""
-    two_phase = len(inspect.signature(loss_fn).parameters) >= 2
+    Each step checks for a cancel and reports `learn` progress as step `offset + i` of `total` (a
+    method that learns in stages reports them as one bar). A NaN/Inf loss fails the job rather than
+    producing a silently wrong model."""
     losses: list[float] = []
     t0 = time.perf_counter()
     t_first = None
-    best, since_best, stopped = math.inf, 0, False
     for step in range(steps):
-        if check_cancel is not None:
-            check_cancel()
+        check_cancel(channel)
         optimizer.zero_grad(set_to_none=True)
-        if two_phase:
-            s = Step(engine)
-            loss_fn(step, s)  # type: ignore[call-arg]
-            s.finish()
-            value = s.total
-        else:
-            loss = loss_fn(step)  # type: ignore[call-arg]
-            if not torch.isfinite(loss):
-                raise MergeFailed(f"the loss became {float(loss)} at step {step}: lower the learning rate")
-            loss.backward()
-            value = float(loss.detach())
+        s = Step(engine)
+        loss_fn(step, s)
+        s.finish()
         if clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(engine.parameters(), clip_grad)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()  # type: ignore[attr-defined]
-        losses.append(value)
+        losses.append(s.total)
         if step == 0:
             t_first = time.perf_counter()
-        if progress is not None:
-            progress(stage, step + 1, steps, value)
-        if patience is not None:
-            if value < best - min_delta * abs(best if math.isfinite(best) else value):
-                best, since_best = value, 0
-            else:
-                since_best += 1
-                if since_best >= patience:
-                    stopped = True
-                    break
+        report(channel, "learn", offset + step + 1, total or steps, s.total)
     elapsed = time.perf_counter() - t0
     n = len(losses)
     step_s = (time.perf_counter() - t_first) / (n - 1) if n > 1 and t_first else elapsed / max(n, 1)
-    return FitResult(losses, elapsed, step_s, n, stopped, peak_memory(engine.raw.device))
+    return FitResult(losses, elapsed, step_s, n, memory.peak(engine.raw.device))

@@ -86,12 +86,6 @@ class ParamGroups:
     def n_groups(self) -> int:
         return len(self.group_names)
 
-    def names(self) -> list[str]:
-        return list(self.slots)
-
-    def rows_per_tensor(self) -> dict[str, int]:
-        return {n: s.chunks for n, s in self.slots.items()}
-
 
 def _chunks_for(chunks: ChunkSpec, name: str, shape: tuple[int, ...]) -> int:
     if isinstance(chunks, int):

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from merge_ops.checkpoint import CheckpointReader
+from merge_ops.context import Channel, report
 from merge_ops.learned.adapters import Adapter, CausalLM
-from merge_ops.learned.calibration import Batch, collate
+from merge_ops.learned.batches import Batch, collate
 
 CACHE_DTYPE = torch.float16
 
@@ -90,12 +91,12 @@ def build_teacher_cache(adapter: Adapter, expert_dirs: Mapping[str, Path], heads
                         base: Mapping[str, torch.Tensor], batch_size: int, dtype: torch.dtype,
                         device: str | torch.device = "cpu",
                         on_loaded: Callable[[str, dict[str, torch.Tensor]], None] | None = None,
-                        progress: Callable[..., None] | None = None) -> TeacherCache:
+                        channel: Channel | None = None) -> TeacherCache:
     """Run each expert once over its own samples; keep logits and hidden states at `layers`.
 
     Tensors an expert checkpoint lacks (e.g. a tied head it does not store) fall back to `base`.
     `on_loaded(task, params)` sees each expert's weights while they are alive (tests hold weak
-    references to check that they are gone before learning starts)."""
+    references to check that they are gone before learning starts). Progress is the `plan` stage."""
     pad = adapter.pad_id()
     tasks: dict[str, TaskCache] = {}
     for i, (task, folder) in enumerate(expert_dirs.items()):
@@ -116,28 +117,6 @@ def build_teacher_cache(adapter: Adapter, expert_dirs: Mapping[str, Path], heads
                 del out
         tasks[task] = tc
         del own, params  # the expert is gone before the next one loads
-        if progress is not None:
-            progress("teachers", i + 1, len(expert_dirs))
+        report(channel, "plan", i + 1, len(expert_dirs))
     return TeacherCache(tasks, layers, pad)
 
-
-class IndexSampler:
-    """Per task, a seeded stream of sample indices: shuffle, walk through, reshuffle when exhausted."""
-
-    def __init__(self, sizes: Mapping[str, int], batch_size: int, seed: int = 0):
-        import zlib
-
-        self.sizes = dict(sizes)
-        self.batch_size = batch_size
-        self._gen = {t: torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(t.encode()))
-                     for t in sizes}
-        self._order: dict[str, list[int]] = {t: [] for t in sizes}
-
-    def next(self, task: str) -> list[int]:
-        n, order = self.sizes[task], self._order[task]
-        out: list[int] = []
-        while len(out) < min(self.batch_size, n):
-            if not order:
-                order.extend(torch.randperm(n, generator=self._gen[task]).tolist())
-            out.append(order.pop(0))
-        return out

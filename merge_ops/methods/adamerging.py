@@ -6,8 +6,8 @@ coefficient table (defaults of the official code: init 0.3, clamp [0, 1], lr 1e-
 samples per task). `granularity` task/layer/block; `plus` = AdaMerging++ (TIES-trimmed task vectors).
 
 Entropy collapse guard. Pure entropy minimisation can be won by a head that predicts one class for
-every input (entropy 0), which is what sank a binary sentiment head in an earlier prototype. Two
-defaults guard against it:
+every input (entropy 0), which is how the binary sentiment head collapses in the 5-task benchmark
+(benchmarks/README.md). Two defaults guard against it:
   * each task's entropy is divided by log(num_classes), so a 2-class head (max entropy 0.69) does
     not pull differently from an 8-class one (2.08), and no task dominates the sum;
   * `diversity` (default 3.0 for classifier heads) subtracts that many times the entropy of the
@@ -27,25 +27,38 @@ metrics (`class_share_max`), so a collapse is visible in every job.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
+from merge_ops.declare import MethodDef, Param, learn_params
+from merge_ops.lazy import lazy
 
-from merge_ops.checkpoint import TORCH_DTYPES
-from merge_ops.errors import SpecError
-from merge_ops.job import JobContext, MethodResult
-from merge_ops.learned.adapters import CausalLM, EncoderClassifier, build_adapter
-from merge_ops.learned.calibration import BatchSampler, load_calibration
-from merge_ops.learned.engine import (
-    MergeEngine,
-    Step,
-    fit,
-    load_merge_inputs,
-    reset_peak_memory,
-    ties_trim,
+if TYPE_CHECKING:
+    from merge_ops.learned.driver import Session, Trained
+    from merge_ops.learned.engine import Step
+
+torch = lazy("torch")
+
+METHOD = MethodDef(
+    "adamerging", "learned",
+    "learn task- or layer-wise coefficients by minimising prediction entropy on unlabelled data",
+    "Yang et al. 2024, AdaMerging, ICLR, arXiv:2310.02575",
+    (
+        Param("granularity", "layer", "task: one coefficient per expert; layer: one per expert per "
+              "tensor; block: one per expert per transformer block", type=str,
+              choices=("task", "layer", "block")),
+        Param("init", 0.3, "initial coefficient", min=0.0, max=1.0),
+        Param("clamp", True, "clamp coefficients to [0, 1] in the forward pass", type=bool),
+        *learn_params(steps=500, batch_size=16, lr=1e-3),
+        Param("plus", False, "AdaMerging++: learn over TIES-trimmed task vectors", type=bool),
+        Param("plus_density", 0.2, "TIES keep fraction for AdaMerging++", min=0.0, max=1.0),
+        Param("normalize_entropy", True, "divide each task's entropy by log(num_classes)", type=bool),
+        Param("diversity", None, "weight of the batch-mean prediction entropy bonus (guards against a "
+              "head collapsing onto one class; lower it for tasks with very skewed classes); default "
+              "(null): 3 for classification heads, 0 for causal LMs; 0 = the official loss",
+              nullable=True, min=0.0),
+    ),
+    needs_calibration=True,
 )
-from merge_ops.learned.groups import ParamGroups
-from merge_ops.learned.outputs import write_outputs
-from merge_ops.spec import parse_size
 
 # Over a vocabulary the batch-mean next-token distribution is near-uniform anyway, and at this weight
 # that term would drown the entropy signal: causal LMs default to 0.
@@ -65,78 +78,38 @@ def entropy_loss(logits: torch.Tensor, *, normalize: bool = True, diversity: flo
     return loss
 
 
-def run(ctx: JobContext) -> MethodResult:
-    spec = ctx.spec
-    g = spec.global_param
-    if ctx.base is None:
-        raise SpecError("adamerging needs a base model: set `base`", param="base")
-    names = spec.expert_names()
-    dtype = TORCH_DTYPES[spec.dtype]
-    torch.manual_seed(spec.seed)
-    reset_peak_memory(ctx.device)
-    ctx.progress("learn", 0, int(g("steps")), None)
+def learn(s: Session) -> Trained:
+    from merge_ops.learned.adapters import CausalLM
+    from merge_ops.learned.driver import Trained
+    from merge_ops.learned.engine import MergeEngine, ties_trim
+    from merge_ops.learned.groups import ParamGroups
 
-    adapter = build_adapter(ctx.base.path, dtype, ctx.device)
-    inputs = load_merge_inputs(ctx.base.path, [e.path for e in ctx.experts], names,
-                               task_specific=spec.task_specific, dtype=dtype, device=ctx.device,
-                               only=adapter.used)
-    adapter.bind(inputs.base)
-    if isinstance(adapter, EncoderClassifier):
-        headless = [n for n in names if not inputs.heads.get(n)]
-        if headless:
-            raise SpecError(f"expert(s) {headless} have no classification head: set `task_specific` to "
-                            "regexes of the head tensors (e.g. '^classifier\\.')", param="task_specific")
-    if g("plus"):
-        ties_trim(inputs, float(g("plus_density")))
-    groups = ParamGroups(inputs.merged_shapes(), str(g("granularity")))
-    engine = MergeEngine(inputs, groups, init=float(g("init")),
-                         parameterisation="clamp" if g("clamp") else "none").to(ctx.device)
-
-    cal_spec = spec.calibration
-    samples = load_calibration(ctx.calibration, names, tokenizer_dir=ctx.base.path,
-                               max_length=cal_spec.max_length if cal_spec else 64,
-                               samples_per_task=cal_spec.samples_per_task if cal_spec else None,
-                               seed=spec.seed)
-    sampler = BatchSampler(samples, int(g("batch_size")), seed=spec.seed, pad_id=adapter.pad_id())
-    normalize, diversity = bool(g("normalize_entropy")), g("diversity")
+    p, names, inputs = s.params, s.names, s.inputs
+    if p["plus"]:
+        ties_trim(inputs, float(p["plus_density"]))
+    groups = ParamGroups(inputs.merged_shapes(), str(p["granularity"]))
+    engine = MergeEngine(inputs, groups, init=float(p["init"]),
+                         parameterisation="clamp" if p["clamp"] else "none").to(s.device)
+    sampler = s.batches(int(p["batch_size"]))
+    normalize, diversity = bool(p["normalize_entropy"]), p["diversity"]
     if diversity is None:  # auto: the guard is for classifier heads
-        diversity = 0.0 if isinstance(adapter, CausalLM) else CLASSIFIER_DIVERSITY
+        diversity = 0.0 if isinstance(s.adapter, CausalLM) else CLASSIFIER_DIVERSITY
     diversity = float(diversity)
-    steps = int(g("steps"))
+    steps = int(p["steps"])
     window = max(1, steps // 10)
     counts = {n: torch.zeros(0) for n in names}
 
-    def loss_fn(step: int, s: Step) -> None:
+    def loss_fn(step: int, st: Step) -> None:
         for task in names:
-            logits = adapter.forward(s.params, inputs.heads[task], sampler.next(task).to(ctx.device)).logits
-            s.backward(entropy_loss(logits, normalize=normalize, diversity=diversity))
+            logits = s.adapter.forward(st.params, inputs.heads[task], sampler.next(task).to(s.device)).logits
+            st.backward(entropy_loss(logits, normalize=normalize, diversity=diversity))
             if step >= steps - window:  # collapse monitor over the last tenth of the steps
                 c = torch.bincount(logits.detach().argmax(-1).cpu(), minlength=logits.shape[-1]).float()
                 counts[task] = c if counts[task].numel() == 0 else counts[task] + c
 
-    opt = torch.optim.Adam(engine.parameters(), lr=float(g("lr")), betas=(0.9, 0.999), weight_decay=0.0)
-    res = fit(engine, loss_fn, steps=steps, optimizer=opt, progress=ctx.progress,
-              check_cancel=ctx.check_cancel)
-
-    ctx.progress("write", 0, 1, None)
-    variant = f"{g('granularity')}-wise AdaMerging{'++' if g('plus') else ''}"
-    artifacts = write_outputs(ctx.out_dir, ctx.base.path, engine,
-                              out_dtype=TORCH_DTYPES[spec.out_dtype] if spec.out_dtype else None,
-                              shard_size=parse_size(spec.shard_size), title=variant,
-                              meta={"method": "adamerging", "steps": res.steps})
-    ctx.progress("write", 1, 1, None)
-    coeffs = engine.coefficients().detach()
-    metrics = {
-        "variant": variant, "diversity": diversity,
-        "loss_curve": [round(x, 6) for x in res.losses],
-        "loss_first": res.losses[0], "loss_final": res.losses[-1],
-        "steps": res.steps, "seconds": round(res.seconds, 3), "step_seconds": round(res.step_seconds, 4),
-        **{k: round(v, 1) for k, v in res.peak_memory.items()},
-        "task_vectors_mib": round(sum(t.numel() * t.element_size() for t in inputs.task_vectors.values())
-                                  / 2**20, 1),
-        "n_coefficients": int(coeffs.numel()), "n_merged_tensors": len(inputs.task_vectors),
-        "n_constant_tensors": len(inputs.constant),
-        "coefficient_mean": {n: round(float(coeffs[:, k].mean()), 4) for k, n in enumerate(names)},
+    opt = torch.optim.Adam(engine.parameters(), lr=float(p["lr"]), betas=(0.9, 0.999), weight_decay=0.0)
+    s.fit(engine, loss_fn, steps=steps, optimizer=opt)
+    return Trained(engine, f"{p['granularity']}-wise AdaMerging{'++' if p['plus'] else ''}", metrics={
+        "diversity": diversity,
         "class_share_max": {n: round(float(c.max() / c.sum()), 3) for n, c in counts.items() if c.numel()},
-    }
-    return MethodResult(metrics=metrics, artifacts=artifacts)
+    })

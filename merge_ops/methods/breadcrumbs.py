@@ -13,21 +13,33 @@ then task arithmetic over the trimmed vectors (optionally L1-rescaled, as ties.p
 weight 1, density 1, gamma 0.01, lambda 1, normalize false, rescale false.
 
 The band is computed as top-(n − bot) minus top-(n − bot − keep): two exact thresholds from one
-magnitude pass (select.TopK); at either edge, ties are ranked by index order (the earlier index
+magnitude pass (topk.TopK); at either edge, ties are ranked by index order (the earlier index
 counts as larger), where mergekit's `sort` leaves them unspecified.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
-
-from merge_ops.methods.base import TensorInputs
-from merge_ops.methods.kernels import buffer, model_param, work_dtype
-from merge_ops.methods.task_vectors import merge
+from merge_ops.declare import MethodDef, Param, task_vector_params
+from merge_ops.lazy import lazy
 from merge_ops.methods.ties import keep_top
-from merge_ops.select import Threshold, TopK
+
+if TYPE_CHECKING:
+    from merge_ops.static.inputs import TensorInputs
+    from merge_ops.static.topk import Threshold
+
+torch = lazy("torch")
+topk = lazy("merge_ops.static.topk")
+kernels = lazy("merge_ops.static.kernels")
+
+METHOD = MethodDef(
+    "breadcrumbs", "static", "drop the largest (gamma) and smallest magnitudes of each task vector, then sum",
+    "Davari & Belilovsky 2024, Model Breadcrumbs, arXiv:2312.06795",
+    task_vector_params(normalize=False, rescale=False, density=True, consensus=False,
+                       extra=(Param("gamma", 0.01, "fraction of largest-magnitude entries removed",
+                                    scope="model", min=0.0, max=1.0, gradient=True),)))
 
 
 class Band:
@@ -39,7 +51,7 @@ class Band:
         self.upto, self.outliers = n - bot, n - bot - keep  # top-k counts: kept band = upto − outliers
         self.n = n
         self.needs_magnitudes = density < 1 and (0 < self.upto < n or 0 < self.outliers < n)
-        self.top = TopK(n, dtype, device) if self.needs_magnitudes else None
+        self.top = topk.TopK(n, dtype, device) if self.needs_magnitudes else None
         self.all = density >= 1
         self.t_upto: Threshold | None = None
         self.t_out: Threshold | None = None
@@ -64,19 +76,21 @@ class Band:
             return
         top = None
         if self.outliers > 0:  # copy the outliers before trimming the small ones away
-            top = buffer("band_top", d.numel(), d.dtype, d.device).copy_(d)
+            top = kernels.buffer("band_top", d.numel(), d.dtype, d.device).copy_(d)
             keep_top(top, start, self.outliers, self.n, self.t_out)
         keep_top(d, start, self.upto, self.n, self.t_upto)
         if top is not None:
             d.sub_(top)  # exact: the outliers are a subset of `upto`, with identical values
 
 
-def trims(x: TensorInputs, method: str) -> list[Band]:
-    n, wd = x.experts[0].numel() if x.experts else 0, work_dtype(x.compute_dtype)
+def trims(x: TensorInputs) -> list[Band]:
+    n, wd = x.experts[0].numel() if x.experts else 0, kernels.work_dtype(x.compute_dtype)
     device = x.experts[0].device if x.experts else torch.device("cpu")
-    return [Band(float(model_param(x, method, i, "density")), float(model_param(x, method, i, "gamma")),
-                 n, wd, device) for i in range(len(x.experts))]
+    return [Band(float(mp["density"]), float(mp["gamma"]), n, wd, device) for mp in x.model_params]
 
 
 def merge_tensor(x: TensorInputs) -> torch.Tensor:
-    return merge(x, "breadcrumbs", trims(x, "breadcrumbs"), consensus=False)
+    from merge_ops.static.task_vectors import merge
+
+    x = x.with_defaults(METHOD)
+    return merge(x, trims(x), consensus=False)

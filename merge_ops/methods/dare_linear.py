@@ -6,7 +6,7 @@ Free Lunch", ICML, arXiv:2311.03099. With mergekit's semantics, per tensor:
     τᵢ = mᵢ ⊙ (expertᵢ − base),  mᵢ ~ Bernoulli(density) per entry (density ≥ 1: no drop)
     rescale (default on): τᵢ ← τᵢ · ‖expertᵢ − base‖₁ / ‖τᵢ‖₁ — mergekit's L1 rescale, which is
       ≈ 1/density (the paper's factor) but preserves the L1 norm exactly
-    then task arithmetic (`dare_linear`) or TIES sign election (`dare_ties`, see dare_ties.py).
+    then task arithmetic (this module) or TIES sign election (`dare_ties`, see dare_ties.py).
 
 Defaults (mergekit): weight 1, density 1, lambda 1, normalize false, rescale true.
 
@@ -22,13 +22,21 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
+from merge_ops.declare import MethodDef, task_vector_params
+from merge_ops.lazy import lazy
 
-from merge_ops.methods.base import TensorInputs
-from merge_ops.methods.kernels import buffer, model_param
-from merge_ops.methods.task_vectors import merge
+if TYPE_CHECKING:
+    from merge_ops.static.inputs import TensorInputs
 
+torch = lazy("torch")
+kernels = lazy("merge_ops.static.kernels")
+
+METHOD = MethodDef(
+    "dare_linear", "static", "random drop (keep prob. density) and rescale each task vector, then sum",
+    "Yu et al. 2024, Language models are Super Mario (DARE), arXiv:2311.03099",
+    task_vector_params(normalize=False, rescale=True, density=True, consensus=False))
 LANES = 4  # 16-bit uniforms per int64 draw
 
 
@@ -56,10 +64,10 @@ class Bernoulli:
         if self.density >= 1:
             return
         n = d.numel()
-        words = buffer("dare_words", -(-n // LANES), torch.int64, self.gen.device)
+        words = kernels.buffer("dare_words", -(-n // LANES), torch.int64, self.gen.device)
         words.random_(-(1 << 63), None, generator=self.gen)
         lanes = words.view(torch.int16)[:n]
-        keep = buffer("dare_keep", n, d.dtype, d.device)  # a float 0/1 mask: bool paths are slow
+        keep = kernels.buffer("dare_keep", n, d.dtype, d.device)  # a float 0/1 mask: bool paths are slow
         torch.lt(lanes.to(d.device), self.cut, out=keep)
         d.mul_(keep)
 
@@ -71,10 +79,13 @@ def generator(x: TensorInputs) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(zlib.crc32(x.name.encode()))
 
 
-def trims(x: TensorInputs, method: str) -> list[Bernoulli]:
+def trims(x: TensorInputs) -> list[Bernoulli]:
     gen = generator(x)
-    return [Bernoulli(float(model_param(x, method, i, "density")), gen) for i in range(len(x.experts))]
+    return [Bernoulli(float(mp["density"]), gen) for mp in x.model_params]
 
 
 def merge_tensor(x: TensorInputs) -> torch.Tensor:
-    return merge(x, "dare_linear", trims(x, "dare_linear"), consensus=False)
+    from merge_ops.static.task_vectors import merge
+
+    x = x.with_defaults(METHOD)
+    return merge(x, trims(x), consensus=False)

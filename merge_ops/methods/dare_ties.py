@@ -1,4 +1,4 @@
-"""DARE-TIES: DARE's random drop and rescale (dare.py), then TIES sign election and disjoint
+"""DARE-TIES: DARE's random drop and rescale (dare_linear.py), then TIES sign election and disjoint
 merge (ties.py).
 
 Yu et al. 2024, arXiv:2311.03099; Yadav et al. 2023, arXiv:2306.01708. Defaults (mergekit): weight
@@ -7,12 +7,24 @@ Yu et al. 2024, arXiv:2311.03099; Yadav et al. 2023, arXiv:2306.01708. Defaults 
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from merge_ops.methods import dare
-from merge_ops.methods.base import TensorInputs
-from merge_ops.methods.task_vectors import merge
+from merge_ops.declare import MethodDef, task_vector_params
+from merge_ops.methods import dare_linear
+
+if TYPE_CHECKING:
+    import torch
+
+    from merge_ops.static.inputs import TensorInputs
+
+METHOD = MethodDef(
+    "dare_ties", "static", "DARE drop-and-rescale, then TIES sign election and disjoint merge",
+    "Yu et al. 2024, arXiv:2311.03099; Yadav et al. 2023, arXiv:2306.01708",
+    task_vector_params(normalize=False, rescale=True, density=True, consensus=True))
 
 
 def merge_tensor(x: TensorInputs) -> torch.Tensor:
-    return merge(x, "dare_ties", dare.trims(x, "dare_ties"), consensus=True)
+    from merge_ops.static.task_vectors import merge
+
+    x = x.with_defaults(METHOD)
+    return merge(x, dare_linear.trims(x), consensus=True)

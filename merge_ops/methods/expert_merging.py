@@ -39,24 +39,75 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-
-from merge_ops.checkpoint import TORCH_DTYPES
+from merge_ops.declare import MethodDef, Param, learn_params
 from merge_ops.errors import SpecError
-from merge_ops.job import JobContext, MethodResult
-from merge_ops.learned import chunking
-from merge_ops.learned.adapters import Adapter, EncoderClassifier, Output, build_adapter
-from merge_ops.learned.calibration import load_calibration
-from merge_ops.learned.engine import FitResult, MergeEngine, MergeInputs, Step, fit, load_merge_inputs
-from merge_ops.learned.groups import ParamGroups
-from merge_ops.learned.outputs import write_outputs
-from merge_ops.learned.teacher_cache import IndexSampler, Targets, TeacherCache, build_teacher_cache
-from merge_ops.spec import parse_size
+from merge_ops.lazy import lazy
 
+if TYPE_CHECKING:
+    from merge_ops.learned.adapters import Adapter, Output
+    from merge_ops.learned.batches import IndexSampler
+    from merge_ops.learned.driver import Session, Trained
+    from merge_ops.learned.engine import MergeEngine, MergeInputs, Step
+    from merge_ops.learned.teacher_cache import Targets, TeacherCache
+
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
 PLAN_PNG = "chunk_plan.png"
+
+
+def _regex(value: str) -> str | None:
+    try:
+        re.compile(value)
+    except re.error as e:
+        return f"{value!r} is not a regex: {e}"
+    return None
+
+
+def _layers_syntax(value: str) -> str | None:
+    v = value.strip().lower()
+    if v in ("", "none", "off", "middle") or re.fullmatch(r"\s*\d{1,4}\s*(,\s*\d{1,4}\s*)*", v, re.ASCII):
+        return None
+    return f"{value!r}: use 'middle', 'none' or comma-separated hidden-state indices (0 = embeddings)"
+
+
+METHOD = MethodDef(
+    "expert_merging", "learned",
+    "learn layer-wise (or chunk-wise: Expert Merging++) coefficients that align hidden states and "
+    "logits of the merged model with each expert",
+    "Zhang et al. 2025, Expert Merging, arXiv:2509.25712",
+    (
+        Param("chunked", False, "Expert Merging++: importance-guided chunk-wise coefficients", type=bool),
+        Param("alpha0", 0.1, "initial coefficient (per expert allowed); coefficients are sigmoids, so "
+              "strictly between 0 and 1", scope="model", min=0.0, max=1.0, min_inclusive=False,
+              max_inclusive=False),
+        Param("beta", 1.0, "per-task loss weight", scope="model", min=0.0),
+        Param("temperature", 1.0, "logit distillation temperature", min=0.0, min_inclusive=False),
+        Param("hidden_layers", "middle", "hidden states aligned by MSE: 'middle' (HF hidden_states index "
+              "L//2), comma-separated indices (0 = embeddings), or 'none'", type=str, check=_layers_syntax),
+        Param("hidden_weight", 1.0, "weight of the hidden-state loss", min=0.0),
+        Param("gamma", 5.0, "weight of the L1 deviation of coefficients from alpha0 (mean over the "
+              "table, the paper's normalisation: the authors' code is K times stronger)", min=0.0),
+        *learn_params(steps=100, batch_size=8, lr=0.5, lr_help="AdamW learning rate in logit space",
+                      steps_help="optimizer steps (per stage for Expert Merging++)"),
+        Param("weight_decay", 1e-5, "AdamW weight decay", min=0.0),
+        Param("restart_period", 50, "CosineAnnealingWarmRestarts T_0 (T_mult 2, eta_min 0.1·lr)",
+              type=int, min=1),
+        Param("clip_grad", 1.0, "gradient norm clip (0 = off)", min=0.0),
+        Param("exclude", "(?i)(norm|embed|bias|lm_head)", "regex (searched) of tensors that keep the "
+              "base values; task-specific heads are never merged", type=str, check=_regex),
+        Param("chunk_budget", 2.0, "Expert Merging++ total chunks B as a multiple of the number of "
+              "merged tensors", min=0.0),
+        Param("kappa", 1.0, "Expert Merging++ concentration: 0 = uniform chunks", min=0.0),
+        Param("warm_start", True, "Expert Merging++ stage 2 starts from the stage-1 coefficients and "
+              "fixes m = 0 tensors at their stage-1 values (false: from alpha0, as the authors' code)",
+              type=bool),
+        Param("stage2_lr_scale", 0.1, "Expert Merging++ with warm_start: stage 2 learns at this × lr "
+              "(it refines stage 1; a cold stage 2 uses lr)", min=0.0),
+    ),
+    needs_calibration=True,
+)
 
 
 # -- the objective --------------------------------------------------------------------------------
@@ -128,84 +179,27 @@ class Objective:
         s.backward(self.gamma * reg)
 
 
-class SlicedEngine(MergeEngine):
-    """MergeEngine whose chunked tensors merge slice by slice (Expert Merging++): autograd then saves
-    views of τ, not the [K, numel] per-entry coefficient map the base engine expands to."""
-
-    def merged_tensor(self, name: str, coeffs: torch.Tensor | None = None) -> torch.Tensor:
-        tv = self.inputs.task_vectors.get(name)
-        slot = self.groups.slots.get(name)
-        if tv is None or slot is None or slot.chunks <= 1:
-            return super().merged_tensor(name, coeffs)
-        c = self.coefficients() if coeffs is None else coeffs
-        rows = c[slot.row: slot.row + slot.chunks].to(tv.dtype)  # [m, K]
-        segs = tv.reshape(tv.shape[0], -1).split(slot.chunk_sizes(), dim=1)
-        delta = torch.cat([rows[s] @ seg for s, seg in enumerate(segs)])
-        base = self.inputs.base[name]
-        return base + delta.view(base.shape)
-
-
-# -- memory of the learning stage ------------------------------------------------------------------
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) so the next reading covers only what follows."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mib() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _mib(ts) -> float:
-    return round(sum(t.numel() * t.element_size() for t in ts) / 2**20, 2)
-
-
 # -- the method -----------------------------------------------------------------------------------
 def parse_layers(value: str, n_layers: int) -> list[int]:
+    """The hidden-state indices `hidden_layers` names (its syntax was checked with the spec; the
+    range depends on the model)."""
     v = str(value).strip().lower()
     if v in ("", "none", "off"):
         return []
     if v == "middle":
         return [n_layers // 2]
-    try:
-        out = sorted({int(x) for x in v.split(",") if x.strip()})
-    except ValueError:
-        raise SpecError(f"hidden_layers {value!r}: use 'middle', 'none' or comma-separated indices",
-                        param="hidden_layers") from None
+    out = sorted({int(x) for x in v.split(",") if x.strip()})
     bad = [i for i in out if not 0 <= i <= n_layers]
     if bad:
         raise SpecError(f"hidden_layers {bad} out of range: the model has hidden states 0..{n_layers}",
-                        param="hidden_layers")
+                        param="parameters.hidden_layers")
     return out
-
-
-def _optimise(engine: MergeEngine, loss_fn: Objective, g, *, steps: int, ctx: JobContext, offset: int,
-              total: int, lr_scale: float = 1.0) -> FitResult:
-    lr = float(g("lr")) * lr_scale
-    opt = torch.optim.AdamW(engine.parameters(), lr=lr, betas=(0.9, 0.999),
-                            weight_decay=float(g("weight_decay")))
-    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        opt, T_0=int(g("restart_period")), T_mult=2, eta_min=0.1 * lr)
-    clip = float(g("clip_grad")) or None
-
-    def progress(stage: str, step: int, _total: int, loss: float | None = None) -> None:
-        ctx.progress("learn", offset + step, total, loss)
-
-    return fit(engine, loss_fn, steps=steps, optimizer=opt, scheduler=sched, clip_grad=clip,
-               progress=progress, check_cancel=ctx.check_cancel)
 
 
 def tensor_importance(engine: MergeEngine) -> dict[str, float]:
     """I_ℓ from a layer-wise engine's learned coefficients and its task vectors."""
+    from merge_ops.learned import chunking
+
     c = engine.coefficients().detach()
     alpha, s, n = {}, {}, {}
     for name, slot in engine.groups.slots.items():
@@ -221,6 +215,9 @@ def stage_two(inputs: MergeInputs, stage1: MergeEngine, plan: dict[str, int], *,
     """The chunk-wise engine. Tensors with m = 0 are folded into θ₀ at their fixed coefficient (α₀,
     as the authors' code; with `warm`, their stage-1 value) and leave the learned set, so no gradient
     is computed for them. Warm: each chunk starts at its tensor's stage-1 coefficient."""
+    from merge_ops.learned.engine import MergeEngine
+    from merge_ops.learned.groups import ParamGroups
+
     with torch.no_grad():
         c1 = stage1.coefficients()
         a0 = torch.tensor(alpha0)
@@ -230,7 +227,7 @@ def stage_two(inputs: MergeInputs, stage1: MergeEngine, plan: dict[str, int], *,
             flat = c.to(tv.dtype) @ tv.reshape(tv.shape[0], -1)
             inputs.base[n] = inputs.base[n] + flat.view(inputs.base[n].shape)
     groups = ParamGroups(inputs.merged_shapes(), "chunk", chunks=plan)
-    engine = SlicedEngine(inputs, groups, init=alpha0, parameterisation="sigmoid")
+    engine = MergeEngine(inputs, groups, init=alpha0, parameterisation="sigmoid")
     if warm:
         with torch.no_grad():
             raw1 = stage1.raw.detach()
@@ -239,94 +236,70 @@ def stage_two(inputs: MergeInputs, stage1: MergeEngine, plan: dict[str, int], *,
     return engine
 
 
-def run(ctx: JobContext) -> MethodResult:
-    spec = ctx.spec
-    g = spec.global_param
-    if ctx.base is None:
-        raise SpecError("expert_merging needs a base model: set `base`", param="base")
-    names = spec.expert_names()
-    k = len(names)
-    dtype = TORCH_DTYPES[spec.dtype]
-    torch.manual_seed(spec.seed)
-    alpha0 = [float(spec.model_param_value(i, "alpha0")) for i in range(k)]
-    beta = [float(spec.model_param_value(i, "beta")) for i in range(k)]
-    if not all(0.0 < a < 1.0 for a in alpha0):
-        raise SpecError("alpha0 must lie strictly between 0 and 1 (coefficients are sigmoids)", param="alpha0")
-    temperature = float(g("temperature"))
-    if temperature <= 0:
-        raise SpecError("temperature must be > 0", param="temperature")
-    try:
-        exclude = re.compile(str(g("exclude"))) if g("exclude") else None
-    except re.error as e:
-        raise SpecError(f"exclude {g('exclude')!r} is not a regex: {e}", param="exclude") from None
-    chunked = bool(g("chunked"))
-    steps = int(g("steps"))
-    total = steps * (2 if chunked else 1)
+def total_steps(p: dict[str, Any]) -> int:
+    return int(p["steps"]) * (2 if p["chunked"] else 1)
 
-    adapter = build_adapter(ctx.base.path, dtype, ctx.device)
-    layers = parse_layers(g("hidden_layers"), int(adapter.module.config.num_hidden_layers))
-    inputs = load_merge_inputs(ctx.base.path, [e.path for e in ctx.experts], names,
-                               task_specific=spec.task_specific, dtype=dtype, device=ctx.device,
-                               only=lambda n: adapter.used(n) and not (exclude and exclude.search(n)))
+
+def learns(p: dict[str, Any]):
+    """Tensors matching `exclude` keep the base values: they get no task vector."""
+    exclude = re.compile(p["exclude"]) if p["exclude"] else None
+    return lambda name: not (exclude and exclude.search(name))
+
+
+def learn(s: Session) -> Trained:
+    from merge_ops.learned import chunking
+    from merge_ops.learned.driver import Trained
+    from merge_ops.learned.engine import MergeEngine
+    from merge_ops.learned.groups import ParamGroups
+
+    p, inputs = s.params, s.inputs
     if not inputs.task_vectors:
         raise SpecError("no tensor is left to merge: every changed tensor matches `exclude` "
-                        f"{g('exclude')!r} or is task-specific", param="exclude")
-    adapter.bind(inputs.base)
-    if isinstance(adapter, EncoderClassifier):
-        headless = [n for n in names if not inputs.heads.get(n)]
-        if headless:
-            raise SpecError(f"expert(s) {headless} have no classification head: set `task_specific` to "
-                            "regexes of the head tensors (e.g. '^classifier\\.')", param="task_specific")
-
-    cal_spec = spec.calibration
-    samples = load_calibration(ctx.calibration, names, tokenizer_dir=ctx.base.path,
-                               max_length=cal_spec.max_length if cal_spec else 64,
-                               samples_per_task=cal_spec.samples_per_task if cal_spec else None,
-                               seed=spec.seed)
-    batch_size = int(g("batch_size"))
-    cache = build_teacher_cache(adapter, {n: e.path for n, e in zip(names, ctx.experts, strict=True)},
-                                inputs.heads, samples, layers, base=inputs.base, batch_size=batch_size,
-                                dtype=dtype, device=ctx.device,
-                                progress=lambda s, i, n: ctx.progress("plan", i, n))
-    del samples
-
-    reset_ok = reset_peak_rss()
-    rss_before = peak_rss_mib()
+                        f"{p['exclude']!r} or is task-specific", param="parameters.exclude")
+    alpha0 = [float(a) for a in p["alpha0"]]
+    layers = parse_layers(p["hidden_layers"], int(s.adapter.module.config.num_hidden_layers))
+    batch_size = int(p["batch_size"])
+    cache = s.teacher_cache(layers, batch_size)
     a0 = torch.tensor(alpha0, dtype=torch.float64)
-    sampler = IndexSampler({t: len(cache.tasks[t].samples) for t in names}, batch_size, seed=spec.seed)
-    hw = float(g("hidden_weight"))
-    gamma = float(g("gamma"))
+    sampler = s.indices(batch_size)
+    steps = int(p["steps"])
 
     def objective(engine: MergeEngine) -> Objective:
-        return Objective(engine, adapter, cache, sampler, alpha0=a0, beta=beta, temperature=temperature,
-                         hidden_weight=hw, gamma=gamma, device=ctx.device)
+        return Objective(engine, s.adapter, cache, sampler, alpha0=a0, beta=[float(b) for b in p["beta"]],
+                         temperature=float(p["temperature"]), hidden_weight=float(p["hidden_weight"]),
+                         gamma=float(p["gamma"]), device=s.device)
 
-    ctx.progress("learn", 0, total, None)
+    def optimise(engine: MergeEngine, loss_fn: Objective, lr_scale: float = 1.0) -> None:
+        lr = float(p["lr"]) * lr_scale
+        opt = torch.optim.AdamW(engine.parameters(), lr=lr, betas=(0.9, 0.999),
+                                weight_decay=float(p["weight_decay"]))
+        sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            opt, T_0=int(p["restart_period"]), T_mult=2, eta_min=0.1 * lr)
+        s.fit(engine, loss_fn, steps=steps, optimizer=opt, scheduler=sched, clip_grad=float(p["clip_grad"]) or None)
+
     engine = MergeEngine(inputs, ParamGroups(inputs.merged_shapes(), "layer"), init=alpha0,
-                         parameterisation="sigmoid").to(ctx.device)
+                         parameterisation="sigmoid").to(s.device)
     obj = objective(engine)
-    res = _optimise(engine, obj, g, steps=steps, ctx=ctx, offset=0, total=total)
-    metrics: dict = {"variant": "Expert Merging++" if chunked else "Expert Merging",
-                     "loss_curve": [round(x, 6) for x in res.losses], "loss_parts_final": obj.last,
-                     "n_coefficients_layerwise": int(engine.raw.numel())}
+    optimise(engine, obj)
+    chunked = bool(p["chunked"])
+    metrics: dict[str, Any] = {"n_coefficients_layerwise": int(engine.raw.numel()), "hidden_layers": layers}
     artifacts: dict[str, str] = {}
     if chunked:
         imp = tensor_importance(engine)
-        n_el = {n: s.numel for n, s in engine.groups.slots.items()}
-        budget = chunking.budget_from_ratio(float(g("chunk_budget")), len(n_el))
-        plan = chunking.allocate_chunks(imp, budget, float(g("kappa")), n_el)
+        n_el = {n: sl.numel for n, sl in engine.groups.slots.items()}
+        budget = chunking.budget_from_ratio(float(p["chunk_budget"]), len(n_el))
+        plan = chunking.allocate_chunks(imp, budget, float(p["kappa"]), n_el)
         if not any(plan.values()):
-            raise SpecError(f"chunk_budget {g('chunk_budget')} gives no tensor a chunk ({len(plan)} merged "
-                            "tensors): raise it", param="chunk_budget")
+            raise SpecError(f"chunk_budget {p['chunk_budget']} gives no tensor a chunk ({len(plan)} merged "
+                            "tensors): raise it", param="parameters.chunk_budget")
         layerwise = engine.table()
-        engine = stage_two(inputs, engine, plan, alpha0=alpha0, warm=bool(g("warm_start"))).to(ctx.device)
+        engine = stage_two(inputs, engine, plan, alpha0=alpha0, warm=bool(p["warm_start"])).to(s.device)
         obj = objective(engine)
         # a warm stage 2 refines a finished model: a fresh AdamW at the full lr would first move every
         # coefficient by ~lr in logit space, away from the stage-1 optimum
-        scale = float(g("stage2_lr_scale")) if g("warm_start") else 1.0
-        res2 = _optimise(engine, obj, g, steps=steps, ctx=ctx, offset=steps, total=total, lr_scale=scale)
-        ctx.out_dir.mkdir(parents=True, exist_ok=True)
-        chunking.plot_plan(imp, plan, ctx.out_dir / PLAN_PNG)
+        optimise(engine, obj, float(p["stage2_lr_scale"]) if p["warm_start"] else 1.0)
+        s.ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        chunking.plot_plan(imp, plan, s.ctx.out_dir / PLAN_PNG)
         artifacts["chunk_plan_png"] = PLAN_PNG
         metrics.update({
             "importance": {n: round(v, 6) for n, v in imp.items()}, "chunk_plan": plan,
@@ -334,30 +307,7 @@ def run(ctx: JobContext) -> MethodResult:
             "fixed_tensors": sum(1 for m in plan.values() if m == 0),
             "stage1_coefficients": {n: [round(x, 4) for x in layerwise.values[i].tolist()]
                                     for i, n in enumerate(layerwise.groups)},
-            "loss_curve_stage2": [round(x, 6) for x in res2.losses], "loss_parts_final": obj.last,
         })
-        res = FitResult(res.losses + res2.losses, res.seconds + res2.seconds,
-                        (res.step_seconds + res2.step_seconds) / 2, res.steps + res2.steps)
-    learn_peak = peak_rss_mib()
-
-    ctx.progress("write", 0, 1, None)
-    artifacts.update(write_outputs(
-        ctx.out_dir, ctx.base.path, engine, out_dtype=TORCH_DTYPES[spec.out_dtype] if spec.out_dtype else None,
-        shard_size=parse_size(spec.shard_size), title=metrics["variant"],
-        meta={"method": "expert_merging", "chunked": chunked, "steps": res.steps}))
-    ctx.progress("write", 1, 1, None)
-    coeffs = engine.coefficients().detach()
-    metrics.update({
-        "loss_first": res.losses[0], "loss_final": res.losses[-1], "steps": res.steps,
-        "learn_seconds": round(res.seconds, 3), "step_seconds": round(res.step_seconds, 4),
-        "hidden_layers": layers, "n_coefficients": int(coeffs.numel()),
-        "n_merged_tensors": len(engine.groups.slots), "n_constant_tensors": len(inputs.constant),
-        "coefficient_mean": {n: round(float(coeffs[:, i].mean()), 4) if coeffs.numel() else None
-                             for i, n in enumerate(names)},
-        # memory: what learning holds, and the process peak while it ran (VmHWM reset before it)
-        "base_mib": _mib(inputs.base.values()), "task_vectors_mib": _mib(inputs.task_vectors.values()),
-        "teacher_cache_mib": round(cache.nbytes() / 2**20, 2),
-        "rss_before_learn_mib": None if rss_before is None else round(rss_before, 1),
-        "learn_peak_rss_mib": None if learn_peak is None or not reset_ok else round(learn_peak, 1),
-    })
-    return MethodResult(metrics=metrics, artifacts=artifacts)
+    metrics["loss_parts_final"] = obj.last
+    return Trained(engine, "Expert Merging++" if chunked else "Expert Merging", metrics=metrics,
+                   artifacts=artifacts, meta={"chunked": chunked})

@@ -16,11 +16,22 @@ negative cosines (experts pulling apart) give t < 0 or, below cos = −1/(k−1)
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
+from merge_ops.declare import MethodDef, Param
 from merge_ops.errors import SpecError
-from merge_ops.methods.base import TensorInputs
-from merge_ops.methods.kernels import gram, param, require_base, weighted_sum, work_dtype
+from merge_ops.lazy import lazy
+
+if TYPE_CHECKING:
+    from merge_ops.static.inputs import TensorInputs
+
+torch = lazy("torch")
+
+METHOD = MethodDef(
+    "model_stock", "static", "interpolate the experts' mean toward the base by their task-vector angle",
+    "Jang et al. 2024, Model Stock, arXiv:2403.19522",
+    (Param("filter_wise", False, "one ratio per output row instead of per tensor", type=bool),),
+    min_experts=2)
 
 
 def ratio(g: torch.Tensor) -> torch.Tensor:
@@ -35,13 +46,16 @@ def ratio(g: torch.Tensor) -> torch.Tensor:
 
 
 def merge_tensor(x: TensorInputs) -> torch.Tensor:
-    base = require_base(x, "model_stock")
+    from merge_ops.static.kernels import gram, require_base, weighted_sum, work_dtype
+
+    base = require_base(x)
     k = len(x.experts)
     if k < 2:
         raise SpecError("model_stock needs at least two experts", param="experts")
+    x = x.with_defaults(METHOD)
     if base.numel() == 0:
         return base.to(x.out_dtype, copy=True)
-    rows = base.numel() // base.shape[-1] if param(x, "model_stock", "filter_wise") and base.dim() > 1 else 1
+    rows = base.numel() // base.shape[-1] if x.params["filter_wise"] and base.dim() > 1 else 1
     wd = work_dtype(x.compute_dtype)
     t = ratio(gram(x.experts, base, wd, rows))
     if rows == 1:

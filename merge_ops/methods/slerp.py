@@ -14,12 +14,22 @@ The coefficients apply to the raw (unnormalised) tensors, as in mergekit. `t` is
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-
+from merge_ops.declare import MethodDef, Param
 from merge_ops.errors import SpecError
-from merge_ops.methods.base import TensorInputs
-from merge_ops.methods.kernels import gram, param, require_base, weighted_sum, work_dtype
+
+if TYPE_CHECKING:
+    import torch
+
+    from merge_ops.static.inputs import TensorInputs
+
+METHOD = MethodDef(
+    "slerp", "static", "spherical interpolation between the base and one expert",
+    "Shoemake 1985; as used by mergekit",
+    (Param("t", None, "interpolation factor: 0 = base, 1 = expert", min=0.0, max=1.0, gradient=True,
+           required=True),),
+    max_experts=1)
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -38,11 +48,13 @@ def coefficients(t: float, g: torch.Tensor) -> tuple[float, float]:
 
 
 def merge_tensor(x: TensorInputs) -> torch.Tensor:
-    base = require_base(x, "slerp")
+    from merge_ops.static.kernels import gram, require_base, weighted_sum, work_dtype
+
+    base = require_base(x)
     if len(x.experts) != 1:
         raise SpecError(f"slerp merges the base with exactly one expert, got {len(x.experts)}",
                         param="experts")
-    t = param(x, "slerp", "t")
+    t = x.with_defaults(METHOD).params["t"]
     if t is None:
         raise SpecError("slerp needs `t` (0 = base, 1 = expert)", param="t")
     expert = x.experts[0]

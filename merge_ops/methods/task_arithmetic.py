@@ -10,11 +10,22 @@ weight 1, lambda 1, normalize false; LiNeS depth scaling optional (`lines`).
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from merge_ops.methods.base import TensorInputs
-from merge_ops.methods.task_vectors import merge
+from merge_ops.declare import MethodDef, task_vector_params
+
+if TYPE_CHECKING:
+    import torch
+
+    from merge_ops.static.inputs import TensorInputs
+
+METHOD = MethodDef(
+    "task_arithmetic", "static", "base + λ·Σ wᵢ·τᵢ over task vectors τᵢ = expertᵢ − base",
+    "Ilharco et al. 2023, Editing models with task arithmetic, arXiv:2212.04089",
+    task_vector_params(normalize=False, rescale=None, density=False, consensus=False))
 
 
 def merge_tensor(x: TensorInputs) -> torch.Tensor:
-    return merge(x, "task_arithmetic")
+    from merge_ops.static.task_vectors import merge
+
+    return merge(x.with_defaults(METHOD))

@@ -15,7 +15,7 @@ Defaults: weight 1, density 1, lambda 1, normalize true, rescale false (int8_mas
 effect: the masks here are never materialised).
 
 Threshold and tie-break. The k-th largest |τᵢ| is found exactly from a histogram of its bit
-patterns (merge_ops/select.py): no sort. Entries above it are kept; of the entries equal to it, the
+patterns (static/topk.py): no sort. Entries above it are kept; of the entries equal to it, the
 first ones in index (row-major) order are kept until exactly k are. mergekit keeps the first k of
 an `argsort`, whose order among equal magnitudes is unspecified, so on tensors with ties at the
 threshold (common: deltas of bf16 weights take few distinct values) the two can keep different
@@ -25,13 +25,23 @@ tied entries; every kept value and the count k are the same.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
+from merge_ops.declare import MethodDef, task_vector_params
+from merge_ops.lazy import lazy
 
-from merge_ops.methods.base import TensorInputs
-from merge_ops.methods.kernels import model_param, work_dtype
-from merge_ops.methods.task_vectors import merge
-from merge_ops.select import Threshold, TopK
+if TYPE_CHECKING:
+    from merge_ops.static.inputs import TensorInputs
+    from merge_ops.static.topk import Threshold
+
+torch = lazy("torch")
+topk = lazy("merge_ops.static.topk")
+kernels = lazy("merge_ops.static.kernels")
+
+METHOD = MethodDef(
+    "ties", "static", "trim each task vector to its top-density magnitudes, elect signs, disjoint mean",
+    "Yadav et al. 2023, TIES-Merging, arXiv:2306.01708",
+    task_vector_params(normalize=True, rescale=False, density=True, consensus=True))
 
 
 def top_k(density: float, n: int) -> int:
@@ -49,7 +59,7 @@ class TopKTrim:
     def __init__(self, k: int, n: int, dtype: torch.dtype, device: torch.device):
         self.k, self.n = k, n
         self.needs_magnitudes = 0 < k < n
-        self.top = TopK(n, dtype, device) if self.needs_magnitudes else None
+        self.top = topk.TopK(n, dtype, device) if self.needs_magnitudes else None
         self.t: Threshold | None = None
 
     def observe(self, start: int, mags: torch.Tensor) -> None:
@@ -93,12 +103,14 @@ def prev_float(v: float, dtype: torch.dtype) -> float:
     return float(torch.nextafter(t, torch.zeros((), dtype=dtype)))
 
 
-def trims(x: TensorInputs, method: str) -> list[TopKTrim]:
-    n, wd = x.experts[0].numel() if x.experts else 0, work_dtype(x.compute_dtype)
+def trims(x: TensorInputs) -> list[TopKTrim]:
+    n, wd = x.experts[0].numel() if x.experts else 0, kernels.work_dtype(x.compute_dtype)
     device = x.experts[0].device if x.experts else torch.device("cpu")
-    return [TopKTrim(top_k(float(model_param(x, method, i, "density")), n), n, wd, device)
-            for i in range(len(x.experts))]
+    return [TopKTrim(top_k(float(mp["density"]), n), n, wd, device) for mp in x.model_params]
 
 
 def merge_tensor(x: TensorInputs) -> torch.Tensor:
-    return merge(x, "ties", trims(x, "ties"), consensus=True)
+    from merge_ops.static.task_vectors import merge
+
+    x = x.with_defaults(METHOD)
+    return merge(x, trims(x), consensus=True)

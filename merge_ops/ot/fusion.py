@@ -25,17 +25,15 @@ resid_policy mean, up to 2000 activation rows (tokens or samples) per space.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from merge_ops.errors import CalibrationError, CheckpointError, SpecError
-from merge_ops.job import JobContext, MethodResult
+from merge_ops.context import Channel, check_cancel, report
+from merge_ops.errors import CheckpointError, SpecError
 from merge_ops.ot.align import apply_map, units
 from merge_ops.ot.graph import Attachment, Graph, Space, build_graph
 from merge_ops.ot.ground_metric import correct, cost_matrix, transport_map
@@ -71,10 +69,10 @@ def fuse(
     anchor: int = 0,
     options: FusionOptions | None = None,
     inputs: Inputs | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    check_cancel: Callable[[], None] | None = None,
+    channel: Channel | None = None,
 ) -> FusionResult:
-    """Fuse N ≥ 2 models (state dicts, one config each or one shared) into the anchor's shapes."""
+    """Fuse N ≥ 2 models (state dicts, one config each or one shared) into the anchor's shapes.
+    Progress is the `merge` stage, one step per space solved."""
     opt = options or FusionOptions()
     for name, value, allowed in (("solver", opt.solver, ("exact", "sinkhorn")),
                                  ("ground_metric", opt.ground_metric, ("weights", "activations")),
@@ -110,15 +108,13 @@ def fuse(
     step = 0
     for _ in range(2 if refine else 1):
         for space in g.spaces:
-            if check_cancel:
-                check_cancel()
+            check_cancel(channel)
             for i in others:
                 t, c = _solve(space, graphs[i], sd64[i], sda, maps[i], opt,
                               acts[i] if acts else None, acts[anchor] if acts else None)
                 maps[i][space.name], costs[space.name][i] = t, c
             step += 1
-            if progress:
-                progress(step, steps)
+            report(channel, "merge", step, steps)
 
     fused: dict[str, torch.Tensor] = {}
     anchor_sd = state_dicts[anchor]
@@ -292,119 +288,3 @@ def _recompute_bn(config: Mapping, sd: dict[str, torch.Tensor], inputs: Inputs, 
         model(x[s:s + batch])
     new = model.state_dict()
     return {k: (new[k].to(v.dtype) if "bns." in k else v) for k, v in sd.items()}
-
-
-# -- the job runner ----------------------------------------------------------------------------
-def run(ctx: JobContext) -> MethodResult:
-    """Read the experts, fuse them into the anchor's shapes, write the checkpoint into ctx.out_dir."""
-    from merge_ops.checkpoint import (
-        TORCH_DTYPES,
-        CheckpointReader,
-        CheckpointWriter,
-        TensorSpec,
-        copy_aux_files,
-    )
-    from merge_ops.spec import parse_size
-
-    spec = ctx.spec
-    names = spec.expert_names()
-    anchor = int(spec.global_param("anchor"))
-    if anchor >= len(ctx.experts):
-        raise SpecError(f"anchor {anchor} is not an expert index (0..{len(ctx.experts) - 1})", param="anchor")
-    opt = FusionOptions(
-        solver=spec.global_param("solver"), reg=float(spec.global_param("reg")),
-        ground_metric=spec.global_param("ground_metric"), qk=spec.global_param("qk") or "separate",
-        resid_policy=spec.global_param("resid_policy") or "mean", seed=spec.seed)
-    sds, cfgs, dtypes = [], [], []
-    for e in ctx.experts:
-        with CheckpointReader(e.path) as r:
-            cfgs.append(r.config())
-            sds.append({k: r.read(k).clone() for k in r.names()})
-            dtypes.append({k: r.dtype(k) for k in r.names()})
-    inputs = None
-    if opt.ground_metric == "activations":
-        inputs = _calibration_inputs(ctx, cfgs[anchor], Path(ctx.experts[anchor].path))
-    ctx.progress("merge", 0, None)
-    res = fuse([{k: v.float() if v.is_floating_point() else v for k, v in sd.items()} for sd in sds], cfgs,
-               weights=[spec.model_param_value(i, "weight") for i in range(len(sds))], anchor=anchor,
-               options=opt, inputs=inputs, progress=lambda i, n: ctx.progress("merge", i, n),
-               check_cancel=ctx.check_cancel)
-    out_dtype = TORCH_DTYPES[spec.out_dtype] if spec.out_dtype else None
-    ctx.progress("write", 0, 1)
-    layout = [TensorSpec(k, tuple(v.shape), out_dtype if out_dtype and v.is_floating_point() else dtypes[anchor][k])
-              for k, v in res.state_dict.items()]
-    with CheckpointWriter(ctx.out_dir, layout, parse_size(spec.shard_size),
-                          metadata={"alloy_method": "ot_fusion"}) as w:
-        for t in layout:
-            w.write(t.name, res.state_dict[t.name].to(t.dtype))
-    copy_aux_files(ctx.experts[anchor].path, ctx.out_dir, out_dtype)
-    ctx.progress("write", 1, 1)
-    return MethodResult(metrics={
-        "anchor": names[anchor],
-        "settings": {"solver": opt.solver, "reg": opt.reg, "ground_metric": opt.ground_metric, "qk": opt.qk,
-                     "resid_policy": opt.resid_policy, "squared": opt.squared,
-                     "calibration_rows": 0 if inputs is None else _n_inputs(inputs)},
-        "transport_cost": {names[i]: {s: c[i] for s, c in res.costs.items()}
-                           for i in range(len(sds)) if i != anchor},
-    })
-
-
-def _n_inputs(inputs: Inputs) -> int:
-    return len(inputs["input_ids"]) if isinstance(inputs, Mapping) else len(inputs)
-
-
-def _calibration_inputs(ctx: JobContext, config: Mapping, anchor_dir: Path) -> Inputs:
-    """Calibration rows of every expert's JSONL, in expert order: the same inputs for every model.
-
-    Rows are {"input": [...numbers]} for alloy_arch models (reshaped to the model's input), or
-    {"input_ids": [...]} / {"text": "..."} for HF models (text is tokenised with the anchor's tokenizer).
-    """
-    if not ctx.calibration:
-        raise SpecError("ground_metric activations needs calibration data: add calibration.tasks",
-                        param="ground_metric")
-    cal = ctx.spec.calibration
-    limit = cal.samples_per_task if cal and cal.samples_per_task else 200
-    max_len = cal.max_length if cal else 64
-    rows: list[dict] = []
-    for name in ctx.spec.expert_names():
-        path = ctx.calibration.get(name)
-        if path is None:
-            continue
-        with open(path) as f:
-            for ln, line in enumerate(f, 1):
-                if len(rows) >= limit * len(ctx.spec.experts) or not line.strip():
-                    continue
-                try:
-                    doc = json.loads(line)
-                except ValueError as e:
-                    raise CalibrationError(f"{path}:{ln}: not JSON: {e}", param=name) from None
-                if not isinstance(doc, dict) or not {"input", "input_ids", "text"} & set(doc):
-                    raise CalibrationError(f"{path}:{ln}: a row needs `input`, `input_ids` or `text`", param=name)
-                rows.append(doc)
-    if not rows:
-        raise CalibrationError("the calibration files hold no rows")
-    arch = config.get("alloy_arch")
-    if arch in ("mlp", "cnn"):
-        if any("input" not in r for r in rows):
-            raise CalibrationError(f"alloy_arch {arch} calibration rows need `input` (a list of numbers)")
-        x = torch.tensor([r["input"] for r in rows], dtype=torch.float32)
-        if arch == "cnn":
-            x = x.reshape(len(rows), config["in_channels"], config["image_size"], config["image_size"])
-        return x
-    if all("input_ids" in r for r in rows):
-        ids = [list(r["input_ids"])[:max_len] for r in rows]
-        width = max(len(i) for i in ids)
-        pad = int(config.get("pad_token_id") or 0)
-        return {"input_ids": torch.tensor([i + [pad] * (width - len(i)) for i in ids]),
-                "attention_mask": torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])}
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(anchor_dir))
-    except (OSError, ValueError) as e:
-        raise CalibrationError(f"text calibration rows need a tokenizer in the anchor's folder {anchor_dir}: {e}") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    enc = tok([r.get("text", "") for r in rows], padding=True, truncation=True, max_length=max_len,
-              return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

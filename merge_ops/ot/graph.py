@@ -90,13 +90,6 @@ class Graph:
     params: set[str]  # every tensor the graph accounts for (aligned or just averaged)
     fixed: set[str] = field(default_factory=set)  # tensors copied from the anchor
 
-    def space_of(self, param: str, axis: int) -> tuple[Space, Attachment] | None:
-        for s in self.spaces:
-            for a in s.attachments:
-                if a.param == param and a.axis == axis:
-                    return s, a
-        return None
-
     def attachments_of(self, param: str) -> list[tuple[Space, Attachment]]:
         return [(s, a) for s in self.spaces for a in s.attachments if a.param == param]
 

@@ -1,4 +1,4 @@
-"""The streaming runner shared by every static method.
+"""The streaming driver shared by every static method.
 
 For each tensor, in the storage order of the base (sequential reads): read it from the base and
 every expert, resolve the method's parameters for that tensor (per-layer gradients, filters), call
@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import resource
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 
-from merge_ops import layers
+from merge_ops import layers, memory
 from merge_ops import params as pv
 from merge_ops.checkpoint import (
     TORCH_DTYPES,
@@ -32,10 +31,11 @@ from merge_ops.checkpoint import (
     check_compatible,
     copy_aux_files,
 )
+from merge_ops.context import JobContext, MethodResult
 from merge_ops.errors import CheckpointError, MergeFailed
-from merge_ops.job import JobContext, MethodResult
-from merge_ops.methods.base import TensorInputs
+from merge_ops.methods import implementation
 from merge_ops.spec import MergeSpec, parse_size
+from merge_ops.static.inputs import TensorInputs
 
 MergeFn = Callable[[TensorInputs], torch.Tensor]
 # Intra-op threads for the merge arithmetic on CPU. The kernels run many small cache-sized ops; each
@@ -47,7 +47,7 @@ MERGE_THREADS = int(os.environ.get("ALLOY_MERGE_THREADS", "1"))
 
 
 def load_merge_fn(spec: MergeSpec) -> MergeFn:
-    return spec.method_def().module().merge_tensor
+    return implementation(spec.method_def()).merge_tensor
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -111,6 +111,7 @@ def _merge_one(ctx: JobContext, merge_tensor: MergeFn, name: str, inputs: list[t
 def run(ctx: JobContext) -> MethodResult:
     spec = ctx.spec
     t0 = time.perf_counter()
+    memory.reset_peak(ctx.device)
     merge_tensor = load_merge_fn(spec)
     compute_dtype = TORCH_DTYPES[spec.dtype]
     out_dtype = TORCH_DTYPES[spec.out_dtype] if spec.out_dtype else None
@@ -183,7 +184,7 @@ def run(ctx: JobContext) -> MethodResult:
             if written is not None:
                 written.result()
             written = writes.submit(writer.write, name, out)
-            ctx.progress("merge", i + 1, len(names))
+            ctx.report("merge", i + 1, len(names))
         if written is not None:
             written.result()
         shards = writer.shard_files()
@@ -196,7 +197,5 @@ def run(ctx: JobContext) -> MethodResult:
         "parameters": n_params,
         "shards": len(shards),
         "seconds": round(time.perf_counter() - t0, 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(memory.peak_rss_mib(), 1),
     })
-
-

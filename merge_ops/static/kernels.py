@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import torch
 
-from merge_ops.catalog import get_method
 from merge_ops.errors import SpecError
-from merge_ops.methods.base import TensorInputs
+from merge_ops.static.inputs import TensorInputs
 
 BLOCK_CPU = 1 << 18  # elements: a handful of fp32 blocks fit in L2/L3 together
 BLOCK_CUDA = 1 << 24  # on a GPU, fewer and larger launches win
@@ -72,29 +70,9 @@ def row_spans(rows: int, cols: int, block: int) -> Iterator[tuple[int, int, int,
             yield r, min(rows, r + per), 0, cols
 
 
-def param(x: TensorInputs, method: str, name: str) -> Any:
-    """A global parameter, falling back to the catalog default (the driver normally fills it)."""
-    if name in x.params:
-        return x.params[name]
-    p = get_method(method).param(name)
-    if p is None:
-        raise KeyError(f"{method} has no parameter {name!r}")
-    return p.default
-
-
-def model_param(x: TensorInputs, method: str, i: int, name: str) -> Any:
-    mp = x.model_params[i] if i < len(x.model_params) else {}
-    if name in mp and mp[name] is not None:
-        return mp[name]
-    p = get_method(method).param(name)
-    if p is None:
-        raise KeyError(f"{method} has no parameter {name!r}")
-    return p.default
-
-
-def require_base(x: TensorInputs, method: str) -> torch.Tensor:
+def require_base(x: TensorInputs) -> torch.Tensor:
     if x.base is None:
-        raise SpecError(f"{method} needs a base model: set `base` in the spec", param="base")
+        raise SpecError("this method needs a base model: set `base` in the spec", param="base")
     return x.base
 
 

@@ -1,4 +1,5 @@
-"""LiNeS layer scaling of the merged task vector (an option of the task-vector methods).
+"""LiNeS layer scaling of the merged task vector (an option of the task-vector methods; its
+parameters are declared in declare.LINES).
 
 Wang et al. 2025, "LiNeS: Post-training layer scaling prevents forgetting and enhances model
 merging", ICLR, arXiv:2410.17146. Shallow layers hold general features that merging should disturb
@@ -14,19 +15,18 @@ multiplies `lambda`.
 
 from __future__ import annotations
 
-from merge_ops.methods.base import TensorInputs
-from merge_ops.methods.kernels import param
+from merge_ops.static.inputs import TensorInputs
 
 
-def scale(x: TensorInputs, method: str, normalized: bool) -> float:
+def scale(x: TensorInputs, normalized: bool) -> float:
     """The LiNeS factor for tensor `x` (1.0 when `lines` is off)."""
-    if not param(x, method, "lines"):
+    if not x.params.get("lines"):
         return 1.0
-    alpha = param(x, method, "lines_alpha")
+    alpha = x.params.get("lines_alpha")
     if alpha is None:
         alpha = 1.0 if normalized else 1.0 / max(len(x.experts), 1)
     alpha = float(alpha)
     if x.layer is None:
         return alpha
     depth = x.layer / (x.n_layers - 1) if x.n_layers > 1 else 0.0
-    return alpha + float(param(x, method, "lines_beta")) * depth
+    return alpha + float(x.params["lines_beta"]) * depth

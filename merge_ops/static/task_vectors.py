@@ -14,7 +14,7 @@ This is mergekit's "generalized task arithmetic", tensor by tensor, with the sam
     out = base + λ·s(l)·Δ               s(l) = LiNeS depth scale (1 unless `lines`)
 
 Passes over the tensor, all blocked (see kernels.py): one selection pass for top-k thresholds
-(TIES, Breadcrumbs; see select.py), one when `rescale` needs the L1 norms before and after
+(TIES, Breadcrumbs; see topk.py), one when `rescale` needs the L1 norms before and after
 trimming, then the merge pass. Without trimming or consensus the merge is a single fused weighted
 sum: (1 − c·Σwᵢ)·base + Σ c·wᵢ·expertᵢ.
 """
@@ -26,20 +26,9 @@ from typing import Protocol
 
 import torch
 
-from merge_ops.catalog import get_method
-from merge_ops.methods import lines
-from merge_ops.methods.base import TensorInputs
-from merge_ops.methods.kernels import (
-    block_size,
-    buffer,
-    model_param,
-    ones,
-    param,
-    require_base,
-    spans,
-    weighted_sum,
-    work_dtype,
-)
+from merge_ops.static import lines
+from merge_ops.static.inputs import TensorInputs
+from merge_ops.static.kernels import block_size, buffer, ones, require_base, spans, weighted_sum, work_dtype
 
 RESCALE_EPS = 1e-7  # mergekit: below this norm (before or after trimming) no rescale happens
 
@@ -66,19 +55,19 @@ class Trim(Protocol):
         ...
 
 
-def merge(x: TensorInputs, method: str, trims: Sequence[Trim | None] | None = None,
-          consensus: bool = False) -> torch.Tensor:
-    base = require_base(x, method)
+def merge(x: TensorInputs, trims: Sequence[Trim | None] | None = None, consensus: bool = False
+          ) -> torch.Tensor:
+    """The merged tensor; `x` carries every parameter of the method (TensorInputs.with_defaults)."""
+    base = require_base(x)
     experts = x.experts
     if not experts:
         return base.to(x.out_dtype, copy=True)
     n_exp = len(experts)
     wd, device = work_dtype(x.compute_dtype), base.device
-    weights = [float(model_param(x, method, i, "weight")) for i in range(n_exp)]
-    normalize = bool(param(x, method, "normalize"))
-    scale = float(param(x, method, "lambda")) * lines.scale(x, method, normalize)
-    has_rescale = get_method(method).param("rescale") is not None
-    rescale = has_rescale and bool(param(x, method, "rescale"))
+    weights = [float(mp["weight"]) for mp in x.model_params]
+    normalize = bool(x.params["normalize"])
+    scale = float(x.params["lambda"]) * lines.scale(x, normalize)
+    rescale = bool(x.params.get("rescale", False))  # methods without `rescale` never rescale
     trim_list: list[Trim | None] = list(trims) if trims is not None else [None] * n_exp
     active = [i for i, t in enumerate(trim_list) if t is not None]
 

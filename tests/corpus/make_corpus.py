@@ -174,7 +174,7 @@ BY_NAME = {c.name: c for c in CASES}
 
 def write_models(root: Path) -> dict[str, Path]:
     """A valid tiny float32 Llama base and two experts under root (~100 KB in all)."""
-    from merge_ops.toy_models import make_experts, write_llama
+    from tests.toy_models import make_experts, write_llama
 
     base = write_llama(root / "base", hidden=16, layers=1, intermediate=32, vocab=32, heads=2,
                        dtype=torch.float32)

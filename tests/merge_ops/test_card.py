@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from merge_ops.card import coefficient_summary, write_card
-from merge_ops.job import MethodResult, ResolvedModel
+from merge_ops.context import MethodResult, ResolvedModel
 from merge_ops.spec import MergeSpec, spec_from_dict
 
 SECRET_URL = "https://hooks.example.com/alloy?token=s3cr3t-webhook-key"

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from merge_ops.context import Callbacks, JobContext, ResolvedModel
 from merge_ops.errors import CalibrationError
-from merge_ops.job import JobContext, ResolvedModel
-from merge_ops.learned import adamerging
-from merge_ops.learned.adamerging import entropy_loss
-from merge_ops.learned.calibration import BatchSampler, read_samples
+from merge_ops.learned.batches import BatchSampler, read_samples
 from merge_ops.learned.coefficients import Coefficients
+from merge_ops.methods.adamerging import entropy_loss
+from merge_ops.runner import run_method
 from merge_ops.spec import spec_from_dict
 from tests.merge_ops.test_learned_engine import CLASSES, write_bert_family
 
@@ -42,7 +42,7 @@ def _ctx(tmp: Path, base: Path, experts: dict[str, Path], cal: dict[str, Path], 
     calls: list = []
     ctx = JobContext(spec=spec, base=ResolvedModel(str(base), base),
                      experts=[ResolvedModel(str(p), p) for p in experts.values()], out_dir=tmp,
-                     calibration=cal, progress=lambda *a, **k: calls.append(a))
+                     calibration=cal, channel=Callbacks(lambda *a, **k: calls.append(a)))
     return ctx, calls
 
 
@@ -56,7 +56,7 @@ def bert(tmp_path_factory: pytest.TempPathFactory):
 def test_run_bert_with_heads_writes_loadable_checkpoint_heads_and_table(bert, tmp_path):
     base, experts, cal = bert
     ctx, calls = _ctx(tmp_path / "out", base, experts, cal, granularity="layer")
-    res = adamerging.run(ctx)
+    res = run_method(ctx)
     out = ctx.out_dir
     assert res.artifacts == {"coefficients": "coefficients.json", "coefficients_png": "coefficients.png",
                              "heads": "heads"}
@@ -90,8 +90,8 @@ def test_run_bert_with_heads_writes_loadable_checkpoint_heads_and_table(bert, tm
 
 def test_run_is_deterministic_for_a_seed_and_plus_variant_runs(bert, tmp_path):
     base, experts, cal = bert
-    a = adamerging.run(_ctx(tmp_path / "a", base, experts, cal, granularity="task", plus=True)[0])
-    b = adamerging.run(_ctx(tmp_path / "b", base, experts, cal, granularity="task", plus=True)[0])
+    a = run_method(_ctx(tmp_path / "a", base, experts, cal, granularity="task", plus=True)[0])
+    b = run_method(_ctx(tmp_path / "b", base, experts, cal, granularity="task", plus=True)[0])
     assert a.metrics["loss_curve"] == b.metrics["loss_curve"]
     ta = Coefficients.load(tmp_path / "a" / "coefficients.json")
     assert ta.groups == ["all"]
@@ -103,7 +103,7 @@ def test_run_tiny_llama_causal_lm(tiny_llama, tmp_path):
     names = {f"e{i}": p for i, p in enumerate(experts)}
     cal = _calib(tmp_path, list(names), 64)
     ctx, _ = _ctx(tmp_path / "out", base, names, cal, granularity="block")
-    res = adamerging.run(ctx)
+    res = run_method(ctx)
     assert "heads" not in res.artifacts
     assert Coefficients.load(ctx.out_dir / "coefficients.json").groups == ["other", "block.0", "block.1"]
     assert res.metrics["loss_final"] < res.metrics["loss_first"]

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import save_file
 
 from merge_ops.errors import SpecError
-from merge_ops.learned.adamerging import entropy_loss
 from merge_ops.learned.adapters import build_adapter
-from merge_ops.learned.calibration import collate
+from merge_ops.learned.batches import collate
 from merge_ops.learned.engine import MergeEngine, Step, fit, load_merge_inputs, ties_trim
 from merge_ops.learned.groups import ParamGroups
+from merge_ops.methods.adamerging import entropy_loss
 
 BERT = {"architectures": ["BertModel"], "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2,
         "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 100,
@@ -190,25 +190,6 @@ def test_ties_trim_matches_formula():
     want = trimmed * (torch.sign(trimmed) == sign)
     got = torch.cat([tv[n].reshape(3, -1) for n in ("a", "b")], 1)
     torch.testing.assert_close(got, want)
-
-
-def test_fit_accepts_whole_loss_style_and_stops_on_plateau():
-    from merge_ops.learned.engine import MergeInputs
-
-    base = {"w": torch.zeros(4, dtype=torch.float64)}
-    inputs = MergeInputs(["x", "y"], base, {"w": torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]], dtype=torch.float64)})
-    engine = MergeEngine(inputs, ParamGroups(inputs.merged_shapes(), "task"), init=0.3)
-    target = torch.tensor([0.5, 0.5, 0, 0], dtype=torch.float64)
-
-    def loss_fn(step: int) -> torch.Tensor:  # whole-loss style: built on merged_params()
-        return ((engine.merged_params()["w"] - target) ** 2).sum()
-
-    res = fit(engine, loss_fn, steps=400, optimizer=torch.optim.Adam(engine.parameters(), lr=0.05),
-              patience=5, min_delta=1e-3)
-    assert res.stopped_early and res.steps < 400
-    torch.testing.assert_close(engine.coefficients().detach().double(),
-                               torch.tensor([[0.5, 0.5]], dtype=torch.float64), atol=0.1, rtol=0)
-    assert res.losses[-1] < res.losses[0] / 2
 
 
 def test_fixed_coefficient_tensors_train_beside_chunked_ones():

@@ -13,18 +13,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merge_ops.job import JobContext, ResolvedModel
-from merge_ops.learned import chunking, expert_merging, teacher_cache
+from merge_ops.context import JobContext, ResolvedModel
+from merge_ops.learned import chunking, driver, teacher_cache
 from merge_ops.learned.adapters import build_adapter
-from merge_ops.learned.calibration import collate
+from merge_ops.learned.batches import IndexSampler, collate
 from merge_ops.learned.coefficients import Coefficients
 from merge_ops.learned.engine import MergeEngine, Step, load_merge_inputs
 from merge_ops.learned.groups import ParamGroups
-from merge_ops.learned.teacher_cache import IndexSampler, build_teacher_cache
-from merge_ops.runner import run_merge
+from merge_ops.learned.teacher_cache import build_teacher_cache
+from merge_ops.methods import expert_merging
+from merge_ops.runner import run_merge, run_method
 from merge_ops.spec import spec_from_dict
-from merge_ops.toy_models import make_experts, write_llama
 from tests.merge_ops.test_learned_engine import BERT, write_bert_family
+from tests.toy_models import make_experts, write_llama
 
 EXCLUDE = "(?i)(norm|embed|bias|lm_head)"
 
@@ -223,7 +224,7 @@ def test_plan_yields_exactly_the_planned_chunks_where_torch_chunk_does_not():
 def test_run_chunked_bert_releases_teachers_writes_checkpoint_plan_and_facts(bert, tmp_path, monkeypatch):
     base, experts, cal = bert
     refs: list[weakref.ref] = []
-    real_build, real_fit = expert_merging.build_teacher_cache, expert_merging.fit
+    real_build, real_fit = driver.build_teacher_cache, driver.fit
     alive_at_fit: list[int] = []
 
     def build(*a, **kw):
@@ -235,8 +236,8 @@ def test_run_chunked_bert_releases_teachers_writes_checkpoint_plan_and_facts(ber
         alive_at_fit.append(sum(r() is not None for r in refs))
         return real_fit(*a, **kw)
 
-    monkeypatch.setattr(expert_merging, "build_teacher_cache", build)
-    monkeypatch.setattr(expert_merging, "fit", fit)
+    monkeypatch.setattr(driver, "build_teacher_cache", build)
+    monkeypatch.setattr(driver, "fit", fit)
     # cold stage 2 (the authors' code): m = 0 tensors are fixed at α₀, checked below; the warm default's
     # values are checked in test_stage_two_cold_fixes_alpha0_and_warm_starts_at_the_stage_one_model
     spec = _spec(base, experts, cal, True, chunked=True, chunk_budget=1.0, kappa=2.0, steps=3, lr=0.3,
@@ -286,7 +287,7 @@ def test_run_chunked_bert_releases_teachers_writes_checkpoint_plan_and_facts(ber
 def test_run_causal_lm_end_to_end(llama, tmp_path):
     base, experts, cal = llama
     ctx = _ctx(tmp_path / "out", base, experts, cal, False, steps=4, lr=0.5, gamma=0.0)
-    res = expert_merging.run(ctx)
+    res = run_method(ctx)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(ctx.out_dir))
@@ -344,13 +345,13 @@ def test_stage_two_cold_fixes_alpha0_and_warm_starts_at_the_stage_one_model():
 def test_warm_stage_two_learns_at_the_scaled_lr(bert, tmp_path, monkeypatch, warm, want):
     base, experts, cal = bert
     lrs: list[float] = []
-    real = expert_merging.fit
+    real = driver.fit
 
     def fit(engine, loss_fn, **kw):
         lrs.append(kw["optimizer"].param_groups[0]["initial_lr"])
         return real(engine, loss_fn, **kw)
 
-    monkeypatch.setattr(expert_merging, "fit", fit)
-    expert_merging.run(_ctx(tmp_path / "out", base, experts, cal, True, chunked=True, steps=2, lr=0.3,
+    monkeypatch.setattr(driver, "fit", fit)
+    run_method(_ctx(tmp_path / "out", base, experts, cal, True, chunked=True, steps=2, lr=0.3,
                             warm_start=warm, stage2_lr_scale=0.25))
     assert lrs == pytest.approx(want)

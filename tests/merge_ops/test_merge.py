@@ -9,19 +9,20 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from merge_ops import merge
 from merge_ops.checkpoint import CheckpointReader
+from merge_ops.context import Callbacks, JobContext, ResolvedModel
 from merge_ops.errors import Cancelled, CheckpointError, MergeFailed
-from merge_ops.job import JobContext, ResolvedModel
-from merge_ops.methods.base import TensorInputs
 from merge_ops.spec import MergeSpec
-from merge_ops.toy_models import write_llama
+from merge_ops.static import driver as merge
+from merge_ops.static.inputs import TensorInputs
+from tests.toy_models import write_llama
 
 
-def _ctx(spec: MergeSpec, out: Path, **kw) -> JobContext:
+def _ctx(spec: MergeSpec, out: Path, progress=None, cancel_requested=None) -> JobContext:
     base = ResolvedModel(spec.base, Path(spec.base)) if spec.base else None
     experts = [ResolvedModel(e.model, Path(e.model)) for e in spec.experts]
-    return JobContext(spec=spec, base=base, experts=experts, out_dir=out, **kw)
+    return JobContext(spec=spec, base=base, experts=experts, out_dir=out,
+                      channel=Callbacks(progress, cancel_requested))
 
 
 def _spec(method: str, base: Path | None, experts: list[Path], expert_params=None, **kw) -> MergeSpec:
@@ -62,8 +63,8 @@ def test_driver_resolves_gradients_per_layer(tiny_llama, tmp_path, monkeypatch) 
     assert seen[-1] == ("merge", len(b), len(b))
     assert res.metrics["parameters"] == sum(t.numel() for t in b.values())
     for name, t in got.items():
-        # depth: embeddings 0, block i of 3 at i/2, final norm and head 1
-        depth = 0.0 if "embed" in name else 1.0 if "layers" not in name else int(name.split(".")[2]) / 2
+        # depth: block i of 3 at i/2; everything outside the blocks (embeddings, final norm, head) at 0
+        depth = 0.0 if "layers" not in name else int(name.split(".")[2]) / 2
         w1 = 0.25 if "mlp" in name else 0.5
         want = b[name] + 2.0 * (depth * (e0[name] - b[name]) + w1 * (e1[name] - b[name]))
         assert torch.equal(t, want.to(torch.bfloat16).double()), name

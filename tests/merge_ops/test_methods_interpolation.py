@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from merge_ops.errors import SpecError
-from merge_ops.methods import kernels, linear, model_stock, slerp
-from merge_ops.methods.base import TensorInputs
+from merge_ops.methods import linear, model_stock, slerp
+from merge_ops.static import kernels
+from merge_ops.static.inputs import TensorInputs
 
 F64 = torch.float64
 

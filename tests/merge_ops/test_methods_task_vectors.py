@@ -8,8 +8,10 @@ import torch
 from merge_ops import layers
 from merge_ops import params as pv
 from merge_ops.errors import SpecError
-from merge_ops.methods import breadcrumbs, dare, dare_ties, kernels, task_arithmetic, ties
-from merge_ops.methods.base import TensorInputs
+from merge_ops.methods import breadcrumbs, dare_ties, task_arithmetic, ties
+from merge_ops.methods import dare_linear as dare
+from merge_ops.static import kernels
+from merge_ops.static.inputs import TensorInputs
 
 F64 = torch.float64
 

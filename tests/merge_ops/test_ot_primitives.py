@@ -11,12 +11,12 @@ import transformers
 from safetensors.torch import save_file
 
 from merge_ops.checkpoint import CheckpointReader
+from merge_ops.context import Callbacks, JobContext, ResolvedModel
 from merge_ops.errors import CheckpointError, SpecError
-from merge_ops.job import JobContext, ResolvedModel
+from merge_ops.methods.ot_fusion import run
 from merge_ops.ot import FusionOptions, fuse
 from merge_ops.ot.align import apply_map
 from merge_ops.ot.arch import build_module
-from merge_ops.ot.fusion import run
 from merge_ops.ot.graph import Layout, UnsupportedArchitecture, build_graph
 from merge_ops.ot.ground_metric import correct, cost_matrix, transport_map
 from merge_ops.spec import spec_from_dict
@@ -141,10 +141,10 @@ def test_run_writes_fused_checkpoint_with_activations(tmp_path):
     calib = tmp_path / "cal.jsonl"
     calib.write_text("".join(json.dumps({"input": torch.randn(6).tolist()}) + "\n" for _ in range(20)))
     spec = spec_from_dict({"method": "ot_fusion", "experts": [{"model": str(e.path)} for e in experts],
-                           "parameters": {"ground_metric": "activations"}})
+                           "parameters": {"ground_metric": "activations"}, "calibration": {"tasks": {"a": str(calib)}}})
     steps = []
     ctx = JobContext(spec=spec, base=None, experts=experts, out_dir=tmp_path / "out",
-                     calibration={"a": calib}, progress=lambda *a, **k: steps.append(a))
+                     calibration={"a": calib}, channel=Callbacks(lambda *a, **k: steps.append(a)))
     result = run(ctx)
     with CheckpointReader(tmp_path / "out") as r:
         for k, v in sd.items():

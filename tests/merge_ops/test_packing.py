@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from merge_ops.learned.adapters import build_adapter
-from merge_ops.learned.calibration import collate
+from merge_ops.learned.batches import collate
 from merge_ops.learned.engine import MergeEngine, load_merge_inputs
 from merge_ops.learned.groups import ParamGroups
 from merge_ops.learned.packing import pack
-from merge_ops.toy_models import make_experts, write_llama
 from tests.merge_ops.test_learned_engine import write_bert_family
+from tests.toy_models import make_experts, write_llama
 
 ROWS = [[(3 * i + j) % 97 + 1 for j in range(n)] for i, n in enumerate([2, 30, 9, 3, 10, 2, 30, 9, 17])]
 

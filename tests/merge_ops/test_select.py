@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from merge_ops.select import TopK, kth_largest
+from merge_ops.static.topk import TopK, kth_largest
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 

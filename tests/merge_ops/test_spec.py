@@ -94,3 +94,60 @@ def test_spec_round_trips_through_yaml(tmp_path):
     p = tmp_path / "s.yaml"
     p.write_text(s.to_yaml())
     assert load_spec(p).model_dump() == s.model_dump()
+
+
+def em(**params):
+    return {"method": "expert_merging", "base": "./b", "experts": [{"model": "./a"}, {"model": "./c"}],
+            "parameters": params, "calibration": {"tasks": {"a": "cal_1", "c": "cal_2"}}}
+
+
+@pytest.mark.parametrize("doc, needle", [
+    (em(temperature=0), "parameters.temperature: must be above 0"),
+    (em(temperature=-1), "parameters.temperature: -1 is below the minimum 0.0"),
+    (em(alpha0=0), "parameters.alpha0: must be above 0"),
+    (em(alpha0=1.0), "parameters.alpha0: must be below 1"),
+    (em(exclude="[a-"), "parameters.exclude: '[a-' is not a regex"),
+    (em(hidden_layers="2,last"), "parameters.hidden_layers: '2,last': use 'middle'"),
+    (em(lr=float("nan")), "parameters.lr: nan is not a finite number"),
+    (em(steps=10**7), "parameters.steps: 1e+07 is out of range"),
+    (em(exclude="x" * 2000), "parameters.exclude: 2000 characters"),
+    (ties(parameters={"lambda": float("-inf")}), "parameters.lambda: -inf is not a finite number"),
+    (ties(experts=[{"model": "./a", "parameters": {"density": [{"filter": "mlp", "value": [{"value": 1}]}]}}]),
+     "a filter entry's value is a number or a per-layer list"),
+    (ties(experts=[{"model": "./a", "parameters": {"density": [{"filter": "", "value": 0.5}]}}]),
+     "a filter is a non-empty substring"),
+    ({"method": "ot_fusion", "experts": [{"model": "./a"}, {"model": "./c"}], "parameters": {"anchor": 2}},
+     "parameters.anchor: 2 is not an expert index (0..1)"),
+    ({"method": "ot_fusion", "experts": [{"model": "./a"}, {"model": "./c"}],
+      "parameters": {"solver": "sinkhorn", "reg": 0}}, "parameters.reg: Sinkhorn needs reg > 0"),
+    ({"method": "ot_fusion", "experts": [{"model": "./a"}, {"model": "./c"}],
+      "parameters": {"ground_metric": "activations"}}, "calibration: ground_metric activations"),
+    ({"method": "linear", "experts": [{"model": "./a", "parameters": {"weight": [1, -1]}}, {"model": "./c",
+                                                                                         "parameters": {"weight": 0}}]},
+     "parameters.weight: the experts' weights sum to 0 at some depth"),
+    (ties(publish={"repo": "a/b", "branch": "../main"}), "publish.branch: '../main'"),
+    (ties(publish={"repo": "a/b", "tag": "v1/"}), "publish.tag: 'v1/'"),
+    (ties(base="./b\x00"), "base: './b\\x00' holds a control character"),
+    (ties(base="org/b@v1/../v2"), "neither a local folder"),
+    (ties(seed=-1), "seed: Input should be greater than or equal to 0"),
+    (ties(shard_size="100000000000000000GB"), "shard_size"),
+    (ties(calibration={"tasks": {"a": "cal_1"}}), "calibration: method ties reads no calibration data"),
+    (ties(experts=[{"model": f"./e{i}"} for i in range(65)]), "experts"),
+])
+def test_submit_time_rules_name_the_field(doc, needle):
+    with pytest.raises(SpecError) as e:
+        spec_from_dict(doc)
+    assert needle in str(e.value)
+
+
+def test_valid_edges_pass_and_parameters_resolve():
+    s = spec_from_dict(em(alpha0=0.5, temperature=1e-3, hidden_layers="0, 2", exclude=""))
+    p = s.method_params()
+    assert p["alpha0"] == [0.5, 0.5] and p["temperature"] == 1e-3 and p["steps"] == 100
+    lin = spec_from_dict({"method": "linear", "experts": [{"model": "./a", "parameters": {"weight": [1, 0]}},
+                                                          {"model": "./c", "parameters": {"weight": [0, 1]}}]})
+    assert lin.method_params()["weight"] == [[1, 0], [0, 1]]  # sums to 1 at every depth
+    assert spec_from_dict({**lin.model_dump(), "parameters": {"normalize": False},
+                           "experts": [{"model": "./a", "parameters": {"weight": 1}},
+                                       {"model": "./c", "parameters": {"weight": -1}}]}).method == "linear"
+    assert spec_from_dict(ties(seed=2**32 - 1)).seed == 2**32 - 1
