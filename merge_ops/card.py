@@ -90,22 +90,22 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def coefficient_summary(coef: Any) -> str | None:
-    """A markdown table from coefficients.json: {"experts": [...], "groups": [...], "values": [[...]]}
-    (experts × groups). Few groups: the whole table; many: mean/min/max per expert."""
+    """A markdown table from coefficients.json ({"experts", "groups", "values"}: values is groups ×
+    experts, as learned/coefficients.py writes it), shown experts × groups with the experts' names:
+    every group when there are few, else mean/min/max per expert."""
     if not isinstance(coef, dict):
         return None
-    values = coef.get("values")
-    experts = coef.get("experts") or coef.get("tasks")
-    groups = coef.get("groups") or []
-    if not (isinstance(values, list) and values and all(isinstance(r, list) and r for r in values)):
+    values, experts, groups = coef.get("values"), coef.get("experts"), coef.get("groups")
+    if not (isinstance(values, list) and values and isinstance(experts, list) and experts
+            and all(isinstance(r, list) and len(r) == len(experts) for r in values)):
         return None
-    experts = experts if isinstance(experts, list) and len(experts) == len(values) else [
-        f"expert {i}" for i in range(len(values))]
-    if len(values[0]) <= 8:
-        groups = groups if len(groups) == len(values[0]) else [f"g{j}" for j in range(len(values[0]))]
-        return _table(["expert", *map(str, groups)], [[e, *row] for e, row in zip(experts, values, strict=True)])
+    groups = groups if isinstance(groups, list) and len(groups) == len(values) else [
+        f"g{j}" for j in range(len(values))]
+    per_expert = [[row[k] for row in values] for k in range(len(experts))]
+    if len(groups) <= 8:
+        return _table(["expert", *map(str, groups)], [[e, *col] for e, col in zip(experts, per_expert, strict=True)])
     return _table(["expert", "groups", "mean", "min", "max"],
-                  [[e, len(r), sum(r) / len(r), min(r), max(r)] for e, r in zip(experts, values, strict=True)])
+                  [[e, len(c), sum(c) / len(c), min(c), max(c)] for e, c in zip(experts, per_expert, strict=True)])
 
 
 def render_card(facts: dict, spec: MergeSpec, out_dir: Path) -> str:

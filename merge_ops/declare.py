@@ -145,11 +145,6 @@ class MethodDef:
     def reads_calibration(self) -> bool:
         return self.needs_calibration or self.kind == "ot"
 
-    @property
-    def queue(self) -> str:
-        """Learned and OT methods want an accelerator; static merges are memory-bound CPU work."""
-        return "cpu" if self.kind == "static" else "gpu"
-
 
 # -- parameters shared by the task-vector methods (task_arithmetic, ties, dare_*, breadcrumbs) ----
 WEIGHT = Param("weight", 1.0, "scale of this expert's task vector (or of the model, for linear)",

@@ -77,15 +77,17 @@ def test_card_embeds_learned_coefficients(tmp_path):
     write_card(out, spec, base, experts, result)
     card = (out / "README.md").read_text()
     assert "](coefficients.png)" in card and "## Learned coefficients" in card
-    assert "| code | 0.25 | 0.5 |" in card and "| math | 0.75 | 1 |" in card
+    # values are groups × experts (as coefficients.json is written); the card shows experts × groups
+    assert "| expert | layers.0 | layers.1 |" in card
+    assert "| code | 0.25 | 0.75 |" in card and "| math | 0.5 | 1 |" in card
     assert _front_matter(card)["tags"] == ["merge", "alloy", "adamerging"]
     facts = json.loads((out / "alloy_merge.json").read_text())
     assert facts["artifacts"] == result.artifacts and facts["method_kind"] == "learned" and facts["job_id"] is None
 
 
 def test_coefficient_summary_many_groups():
-    values = [[float(j) for j in range(20)], [1.0] * 20]
-    table = coefficient_summary({"experts": ["a", "b"], "values": values})
+    values = [[float(j), 1.0] for j in range(20)]  # 20 groups × 2 experts
+    table = coefficient_summary({"experts": ["a", "b"], "groups": [f"t{j}" for j in range(20)], "values": values})
     # mean/min/max per expert: a -> 9.5, 0, 19
     assert "| a | 20 | 9.5 | 0 | 19 |" in table and "| b | 20 | 1 | 1 | 1 |" in table
     assert coefficient_summary({"values": []}) is None and coefficient_summary([1, 2]) is None
