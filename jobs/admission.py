@@ -13,8 +13,9 @@ from jobs.settings import Settings
 from jobs.store import Store
 from jobs.webhooks import url_problem
 from merge_ops.calibration import check_calibration
-from merge_ops.errors import CalibrationError, SpecError
+from merge_ops.errors import CalibrationError, InputError, SpecError
 from merge_ops.refs import parse_model_ref
+from merge_ops.sources import check_links
 from merge_ops.spec import MergeSpec
 
 
@@ -32,6 +33,11 @@ def check_admission(spec: MergeSpec, tenant: str, store: Store, settings: Settin
             if not p.is_absolute() or not any(p.resolve().is_relative_to(root) for root in settings.roots):
                 raise AdmissionError(f"{ref!r}: local model folders must be absolute paths under the "
                                      "server's allowed roots (ALLOY_ALLOWED_ROOTS); or use a hub id")
+            if p.resolve().is_dir():  # links inside the folder must stay under the roots too
+                try:
+                    check_links(p.resolve(), settings.roots, ref)
+                except InputError as e:
+                    raise AdmissionError(e.message) from None
     if spec.calibration is not None:
         files = {}
         for task, ref in spec.calibration.tasks.items():

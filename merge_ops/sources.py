@@ -61,8 +61,34 @@ def _resolve_local(r: ModelRef, allowed_roots: list[Path] | None) -> ResolvedMod
                 "org/name@revision", param=r.raw)
     if not path.is_dir():
         raise CheckpointError(f"model folder {r.raw!r} does not exist (or is not a folder)", param=r.raw)
+    if allowed_roots is not None:
+        check_links(path, roots, r.raw)
     check_weights(path, r.raw)
     return ResolvedModel(ref=r.raw, path=path, commit=local_fingerprint(path))
+
+
+_MAX_ENTRIES = 10_000  # a model folder holds tens of files; more is a folder we will not walk
+
+
+def check_links(folder: Path, roots: list[Path], what: str) -> None:
+    """Refuse a folder whose files or subfolders are symlinks leading outside the allowed roots.
+
+    Resolving only the folder is not enough: a `model.safetensors` or `tokenizer.json` linked to
+    another tenant's output or to /etc would be read, merged and republished. Links that stay inside
+    the roots (a Hub-style cache of blobs) are fine.
+    """
+    seen = 0
+    for dirpath, dirnames, filenames in os.walk(folder):  # never follows directory links
+        for name in [*dirnames, *filenames]:
+            seen += 1
+            if seen > _MAX_ENTRIES:
+                raise InputError(f"model folder {what!r} holds more than {_MAX_ENTRIES} entries: it is not a "
+                                 "checkpoint folder", param=what)
+            entry = Path(dirpath) / name
+            if entry.is_symlink() and not any(entry.resolve().is_relative_to(root) for root in roots):
+                rel = entry.relative_to(folder)
+                raise InputError(f"{what}/{rel} is a link to a file outside the folders this server may read: "
+                                 "copy the file into the model folder instead", param=what)
 
 
 def check_weights(folder: Path, what: str) -> None:
