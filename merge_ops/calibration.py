@@ -252,7 +252,9 @@ def check_calibration(spec: MergeSpec, files: Mapping[str, Path]) -> None:
     else:
         folder = _local_folder(spec.base)
         who = "the base"
-    arch = _config(folder).get("alloy_arch")
+    config = _config(folder)
+    arch = config.get("alloy_arch")
+    vocab = config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else None
     want = "input" if arch is not None else "tokens" if folder is not None or m.kind == "learned" else None
     tokenizer = folder is None or has_tokenizer(folder)
     for task, path in files.items():
@@ -264,6 +266,11 @@ def check_calibration(spec: MergeSpec, files: Mapping[str, Path]) -> None:
                     if want == "input" else '{"text"} or {"input_ids"} rows')
             raise CalibrationError(f"{where}: this method reads {need}, but line {rows[0].line} is not one",
                                    param=where)
+        if vocab is not None:  # an id past the embedding table would crash the job with an IndexError
+            bad = next((r for r in rows if r.input_ids and max(r.input_ids) >= vocab), None)
+            if bad is not None:
+                raise CalibrationError(f"{where}: line {bad.line} holds token id {max(bad.input_ids)}, but "
+                                       f"{who} has a vocabulary of {vocab} ids (0..{vocab - 1})", param=where)
         if not tokenizer and any(r.text is not None for r in rows):
             line = next(r.line for r in rows if r.text is not None)
             raise CalibrationError(f"{where}: line {line} holds text, but {who} {folder} has no tokenizer "
