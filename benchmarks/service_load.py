@@ -161,7 +161,8 @@ def main() -> int:
         port = free_port()
         api = f"http://127.0.0.1:{port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("ALLOY_")}
-        env.update(ALLOY_DATA_DIR=str(data), ALLOY_ALLOWED_ROOTS=json.dumps([str(data)]), ALLOY_LOG_LEVEL="WARNING")
+        env.update(ALLOY_DATA_DIR=str(data), ALLOY_ALLOWED_ROOTS=json.dumps([str(data)]), ALLOY_LOG_LEVEL="WARNING",
+                   ALLOY_MAX_ACTIVE_JOBS_PER_TENANT="0")  # a load test: no per-tenant quota
         if args.database_url:
             env["ALLOY_DATABASE_URL"] = args.database_url
         up = subprocess.Popen([sys.executable, "-m", "service.cli", "up", "--port", str(port),

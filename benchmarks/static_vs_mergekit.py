@@ -42,7 +42,24 @@ METHODS = {  # method -> (uses base, per-model params, global params)
     "ties": (True, {"density": 0.5}, {}),
     "dare_ties": (True, {"density": 0.5}, {}),
     "linear": (False, {}, {}),
+    "breadcrumbs_ties": (True, {"density": 0.5, "gamma": 0.05}, {}),
+    "della": (True, {"density": 0.5, "epsilon": 0.15}, {}),
+    "della_linear": (True, {"density": 0.5, "epsilon": 0.15}, {}),
+    "sce": (True, {}, {"select_topk": 0.5}),
+    "nuslerp": (True, {}, {}),
+    "multislerp": (True, {}, {}),
+    "karcher": (False, {}, {}),
+    "nearswap": (True, {}, {"t": 0.001}),
+    "arcee_fusion": (True, {}, {}),
+    "passthrough": (False, {"scale": 0.5}, {}),
+    "ram": (True, {}, {}),
+    "ramplus_tl": (True, {}, {}),
 }
+N_EXPERTS = {"nuslerp": 2, "nearswap": 1, "arcee_fusion": 1, "passthrough": 1}  # others: 3
+NO_WEIGHT = {"sce", "karcher", "nearswap", "arcee_fusion", "passthrough", "ram", "ramplus_tl"}
+# random masks (mergekit draws from torch's global RNG, Alloy per tensor from the spec seed): compared in
+# distribution, by the share of entries left at the base and the moments of the change, not entry by entry
+RANDOM = {"dare_ties", "della", "della_linear"}
 THREADS = "2"
 
 
@@ -68,8 +85,9 @@ def write_config(method: str, base: Path, experts: list[Path], path: Path) -> Pa
     doc: dict = {"merge_method": method}
     if uses_base:
         doc["base_model"] = str(base)
-    doc["models"] = [{"model": str(e), "parameters": {"weight": w, **model_params}}
-                     for e, w in zip(experts, WEIGHTS, strict=True)]
+    chosen = experts[:N_EXPERTS.get(method, len(experts))]
+    doc["models"] = [{"model": str(e), "parameters": ({} if method in NO_WEIGHT else {"weight": w})
+                      | model_params} for e, w in zip(chosen, WEIGHTS, strict=False)]
     if global_params:
         doc["parameters"] = global_params
     doc |= {"dtype": "float32", "out_dtype": "bfloat16"}
@@ -226,6 +244,20 @@ def compare(a: Path, b: Path, ties: tuple[Path, list[Path], float] | None = None
     return out
 
 
+def change_stats(out: Path, base: Path) -> dict:
+    """Distribution of a merge's change to the base: share of entries changed, mean and std of Δ."""
+
+    changed, total, s1, s2 = 0, 0, 0.0, 0.0
+    for name in sorted(json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]):
+        d = _tensor(out, name).double() - _tensor(base, name).double()
+        changed += int((d != 0).sum())
+        total += d.numel()
+        s1 += float(d.sum())
+        s2 += float(d.square().sum())
+    mean = s1 / total
+    return {"frac_changed": changed / total, "mean_delta": mean, "std_delta": (s2 / total - mean**2) ** 0.5}
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -276,6 +308,9 @@ def main() -> None:
                   f" | load {os.getloadavg()[0]:.1f}", flush=True)
         ties = (base, experts, METHODS[method][1]["density"]) if method == "ties" else None
         cmp = compare(work / "alloy", work / "mergekit", ties)
+        if method in RANDOM:  # entry by entry they differ by design: compare the distributions
+            sa, sm = change_stats(work / "alloy", base), change_stats(work / "mergekit", base)
+            cmp |= {f"alloy_{k}": v for k, v in sa.items()} | {f"mergekit_{k}": v for k, v in sm.items()}
         mw, mr = statistics.median(x[0] for x in mk), statistics.median(x[1] for x in mk)
         aw, ar = statistics.median(x[0] for x in al), statistics.median(x[1] for x in al)
         mc, ac = statistics.median(x[2] for x in mk), statistics.median(x[2] for x in al)

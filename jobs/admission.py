@@ -2,42 +2,126 @@
 
 Checked when a job or a schedule is submitted (POST /v1/jobs, POST /v1/schedules) and again at
 every scheduled run, since the rules (allowed roots, tokens, calibration sets) may change after a
-schedule was made. A refusal is an `AdmissionError` (an invalid spec: the API answers 422).
+schedule was made. The worker checks the model sources and the publish target once more before it
+reads or publishes anything. A refusal is an `AdmissionError` (an invalid spec: the API answers 422).
+
+The server's own data is never a model source, even when the data dir lies under an allowed root:
+the data dir itself, its own folders (`DATA_AREAS`: the local hub, uploaded calibration sets, job
+outputs, the hub download cache, evaluation sets) and the hub root wherever it is. Model folders the
+operator keeps elsewhere under the data dir (say `DATA_DIR/models/...`) stay readable. Links inside a
+model folder may not lead into those folders nor to the data dir's own files (the database, the dev
+token), since a linked `tokenizer.json` would be copied into a published model.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from jobs.egress import url_problem
 from jobs.settings import Settings
 from jobs.store import Store
-from jobs.webhooks import url_problem
 from merge_ops.calibration import check_calibration
 from merge_ops.errors import CalibrationError, InputError, SpecError
 from merge_ops.refs import parse_model_ref
 from merge_ops.sources import check_links
 from merge_ops.spec import MergeSpec
 
+DATA_AREAS = ("hub", "calibration", "jobs", "cache", "evaluation")
+_MAX_WALK = 10_000  # entries, as merge_ops.sources.check_links (which refuses bigger folders first)
+
 
 class AdmissionError(SpecError):
     """A valid spec this server does not accept; the message says what to change."""
 
 
-def check_admission(spec: MergeSpec, tenant: str, store: Store, settings: Settings) -> None:
-    """Raise AdmissionError when the spec asks for something the server does not allow."""
-    refs = ([spec.base] if spec.base else []) + [e.model for e in spec.experts]
-    for ref in refs:
+def server_areas(settings: Settings) -> list[Path]:
+    """Folders holding the server's own data: never read as (part of) a model."""
+    data = settings.data_dir.resolve()
+    return [*(data / a for a in DATA_AREAS), settings.hub_root.resolve()]
+
+
+def _in_server_data(path: Path, settings: Settings, *, file: bool) -> bool:
+    data = settings.data_dir.resolve()
+    if path == data or any(path.is_relative_to(a) for a in server_areas(settings)):
+        return True
+    return file and path.parent == data  # alloy.db, dev-token, ... (folders beside them are the operator's)
+
+
+def _local_paths(spec: MergeSpec) -> list[tuple[str, Path]]:
+    out = []
+    for ref in ([spec.base] if spec.base else []) + [e.model for e in spec.experts]:
         r = parse_model_ref(ref)
         if r.local_path is not None:
-            p = Path(r.local_path.removeprefix("file://")).expanduser()
-            if not p.is_absolute() or not any(p.resolve().is_relative_to(root) for root in settings.roots):
-                raise AdmissionError(f"{ref!r}: local model folders must be absolute paths under the "
-                                     "server's allowed roots (ALLOY_ALLOWED_ROOTS); or use a hub id")
-            if p.resolve().is_dir():  # links inside the folder must stay under the roots too
-                try:
-                    check_links(p.resolve(), settings.roots, ref)
-                except InputError as e:
-                    raise AdmissionError(e.message) from None
+            out.append((ref, Path(r.local_path.removeprefix("file://")).expanduser()))
+    return out
+
+
+def check_model_sources(spec: MergeSpec, settings: Settings) -> None:
+    """Local model folders: absolute, under the allowed roots, outside the server's own data, and with
+    no link leading out of the roots or into the server's data. Raises AdmissionError."""
+    for ref, p in _local_paths(spec):
+        if not p.is_absolute() or not any(p.resolve().is_relative_to(root) for root in settings.roots):
+            raise AdmissionError(f"{ref!r}: local model folders must be absolute paths under the "
+                                 "server's allowed roots (ALLOY_ALLOWED_ROOTS); or use a hub id")
+        folder = p.resolve()
+        if _in_server_data(folder, settings, file=False):
+            raise AdmissionError(f"{ref!r} is inside the server's data directory (its hub, calibration sets, "
+                                 "job outputs or caches), which is never a model source: use a hub id "
+                                 "(org/name@revision) for published models")
+        if folder.is_dir():  # links inside the folder must stay under the roots and out of the data
+            try:
+                check_links(folder, settings.roots, ref)
+            except InputError as e:
+                raise AdmissionError(e.message) from None
+            _check_link_targets(folder, ref, settings)
+
+
+def _check_link_targets(folder: Path, ref: str, settings: Settings) -> None:
+    seen = 0
+    for dirpath, dirnames, filenames in os.walk(folder):  # never follows directory links
+        for name in [*dirnames, *filenames]:
+            seen += 1
+            if seen > _MAX_WALK:
+                return
+            entry = Path(dirpath) / name
+            if entry.is_symlink():
+                target = entry.resolve()
+                if _in_server_data(target, settings, file=not target.is_dir()):
+                    raise AdmissionError(f"{ref}/{entry.relative_to(folder)} is a link into the server's "
+                                         "data directory, which is never a model source: copy the file "
+                                         "into the model folder instead")
+
+
+def publish_problem(spec: MergeSpec, tenant: str, settings: Settings, *, admin: bool | None = None) -> str | None:
+    """Why this tenant may not publish where the spec says, or None. Local-hub orgs belong to tenants
+    (ALLOY_HUB_NAMESPACES; by default the org named like the tenant); on a Hugging Face Hub the
+    tenant's own token decides what it may write."""
+    if spec.publish is None:
+        return None
+    if spec.publish.hub == "hf":
+        if tenant not in settings.hub_tokens:
+            return ("publish.hub is `hf` but no hub token is configured for this tenant (ask the operator "
+                    "to set ALLOY_HUB_TOKENS)")
+        return None
+    if admin if admin is not None else settings.is_admin_tenant(tenant):
+        return None
+    org = spec.publish.repo.split("/", 1)[0]
+    orgs = settings.hub_orgs(tenant)
+    if org not in orgs:
+        mine = ", ".join(repr(o) for o in orgs) or "none"
+        return (f"publish.repo: {spec.publish.repo!r} is in the org {org!r}, which tenant {tenant!r} may not "
+                f"publish to on this server's hub; its orgs: {mine} (ALLOY_HUB_NAMESPACES)")
+    return None
+
+
+def check_admission(spec: MergeSpec, tenant: str, store: Store, settings: Settings, *,
+                    admin: bool | None = None) -> None:
+    """Raise AdmissionError when the spec asks for something the server does not allow.
+
+    `admin`: whether the caller holds the admin scope (None: any admin token of the tenant counts,
+    for checks made without a request, such as scheduled runs)."""
+    check_model_sources(spec, settings)
     if spec.calibration is not None:
         files = {}
         for task, ref in spec.calibration.tasks.items():
@@ -57,6 +141,5 @@ def check_admission(spec: MergeSpec, tenant: str, store: Store, settings: Settin
             why = "webhooks are disabled on this server (no ALLOY_WEBHOOK_SECRET): remove `notify`"
         if why:
             raise AdmissionError(why)
-    if spec.publish is not None and spec.publish.hub == "hf" and tenant not in settings.hub_tokens:
-        raise AdmissionError("publish.hub is `hf` but no hub token is configured for this tenant (ask the "
-                             "operator to set ALLOY_HUB_TOKENS)")
+    if (why := publish_problem(spec, tenant, settings, admin=admin)) is not None:
+        raise AdmissionError(why, param="publish.repo")

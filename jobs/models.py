@@ -104,6 +104,8 @@ class Job(Base):
     webhook_state: Mapped[str | None] = mapped_column(String(16))
     webhook_next_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # DELETE /v1/jobs/{id}: outputs removed, the row kept as an audit record (hidden from the API)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class JobEvent(Base):
@@ -135,7 +137,8 @@ class WebhookDelivery(Base):
 
 class CalibrationSet(Base):
     __tablename__ = "calibration_sets"
-    __table_args__ = (Index("ix_calibration_sets_tenant_seq", "tenant", "seq"),)
+    __table_args__ = (Index("ix_calibration_sets_tenant_seq", "tenant", "seq"),
+                      Index("ix_calibration_sets_tenant_sha256", "tenant", "sha256"))  # content lookup
 
     seq: Mapped[int] = mapped_column(SeqInt, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(40), unique=True)
@@ -173,6 +176,12 @@ class Schedule(Base):
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
+    # health, written when a run's job ends (the scheduler settles it): see ScheduleStore.settle
+    last_success_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_outcome: Mapped[str | None] = mapped_column(String(16))  # the last settled job's state
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)  # failed or rejected, in a row
+    run_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # POST .../run, until taken
 
 
 class ScheduleRun(Base):
@@ -182,6 +191,7 @@ class ScheduleRun(Base):
         UniqueConstraint("schedule_id", "n", name="uq_schedule_runs_n"),
         Index("ix_schedule_runs_schedule_seq", "schedule_id", "seq"),
         Index("ix_schedule_runs_status", "status", "created_at"),
+        Index("ix_schedule_runs_retry", "retry_at"),
     )
 
     seq: Mapped[int] = mapped_column(SeqInt, primary_key=True, autoincrement=True)
@@ -190,7 +200,7 @@ class ScheduleRun(Base):
     # cron: due:<UTC time>; on_new_revision: inputs:<hash of the commit set>:after:<previous n>
     run_key: Mapped[str] = mapped_column(String(200))
     n: Mapped[int | None] = mapped_column(Integer)  # 1, 2, ... for runs that create a job; None if skipped
-    status: Mapped[str] = mapped_column(String(16))  # pending | submitted | skipped | failed
+    status: Mapped[str] = mapped_column(String(16))  # pending | submitted | skipped | failed | rejected
     reason: Mapped[str] = mapped_column(Text)  # why it ran, or why it was skipped / failed
     due_at: Mapped[datetime] = mapped_column(UTCDateTime)
     inputs: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # [{role, name, ref, commit}]
@@ -199,3 +209,8 @@ class ScheduleRun(Base):
     tag: Mapped[str | None] = mapped_column(String(200))
     job_id: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)  # 2, 3, ... for retries of a failed run
+    retry_of: Mapped[str | None] = mapped_column(String(40))  # the first attempt's run id
+    retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # when its retry is due (failed job)
+    settled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # its job's end was counted in health
+    scheduler: Mapped[str | None] = mapped_column(String(200))  # the scheduler process that recorded it

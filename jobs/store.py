@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.models import CalibrationSet, Job, JobEvent, WebhookDelivery, now
-from jobs.states import ACTIVE, CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL
+from jobs.states import ACTIVE, CANCELLED, CANCELLING, FAILED, QUEUED, REJECTED, RUNNING, SUCCEEDED, TERMINAL
 
 
 class IdempotencyConflict(Exception):
@@ -32,6 +32,10 @@ class IdempotencyConflict(Exception):
 
 class NotCancellable(Exception):
     """The job already reached a terminal state."""
+
+
+class NotDeletable(Exception):
+    """The job is still queued or running (cancel it first)."""
 
 
 def new_id(prefix: str) -> str:
@@ -108,6 +112,15 @@ class Store:
             return self._replay(found, h), False
         return job, True
 
+    def count_active(self, tenant: str) -> int:
+        """Queued, running and cancelling jobs of a tenant (its quota counts these)."""
+        with self.tx() as s:
+            return int(s.scalar(select(func.count()).select_from(Job).where(
+                Job.tenant == tenant, Job.state.in_((QUEUED, *ACTIVE)))) or 0)
+
+    def find_by_idempotency_key(self, tenant: str, key: str) -> Job | None:
+        return self._find_existing(tenant, key, None)
+
     def _find_existing(self, tenant: str, key: str | None, unique_key: str | None) -> Job | None:
         with self.tx() as s:
             if unique_key is not None:
@@ -132,7 +145,8 @@ class Store:
                   limit: int = 20) -> tuple[list[Job], bool]:
         """Newest first; `after` is the last job id of the previous page."""
         with self.tx() as s:
-            return page(s, Job, tenant, after, limit, *([Job.state == state] if state is not None else []))
+            return page(s, Job, tenant, after, limit, Job.deleted_at.is_(None),
+                        *([Job.state == state] if state is not None else []))
 
     def request_cancel(self, job_id: str, tenant: str | None) -> Job | None:
         """Queued → cancelled at once (no worker holds it); running → cancelling (the worker stops it).
@@ -147,7 +161,7 @@ class Store:
             job = s.scalar(q)
             if job is None:
                 return None
-            if job.state in (SUCCEEDED, FAILED):
+            if job.state in (SUCCEEDED, FAILED, REJECTED):
                 raise NotCancellable(job.state)
             if s.execute(update(Job).where(Job.id == job_id, Job.state == QUEUED).values(
                     state=CANCELLED, cancel_requested=True, finished_at=t, updated_at=t,
@@ -157,6 +171,34 @@ class Store:
             elif s.execute(update(Job).where(Job.id == job_id, Job.state == RUNNING).values(
                     state=CANCELLING, cancel_requested=True, updated_at=t)).rowcount:
                 s.add(JobEvent(job_id=job_id, type="state", data={"state": CANCELLING}, created_at=t))
+        return self.get_job(job_id)
+
+    def delete_job(self, job_id: str, tenant: str | None) -> Job | None:
+        """Mark a finished job deleted, keeping a small audit row (who, what method, how it ended, when,
+        the spec's hash and the published ref) and dropping its spec, events and webhook deliveries.
+        None when there is no such (undeleted) job; NotDeletable while it is queued or running. The
+        caller removes the job's files."""
+        t = self.clock()
+        with self.tx() as s:
+            q = select(Job).where(Job.id == job_id, Job.deleted_at.is_(None))
+            if tenant is not None:
+                q = q.where(Job.tenant == tenant)
+            job = s.scalar(q)
+            if job is None:
+                return None
+            if job.state not in TERMINAL:
+                raise NotDeletable(job.state)
+            published = (job.result or {}).get("published")
+            n = s.execute(update(Job).where(Job.id == job_id, Job.state.in_(TERMINAL),
+                                            Job.deleted_at.is_(None)).values(
+                deleted_at=t, updated_at=t, spec={"method": job.method, "deleted": True},
+                result={"published": published} if published else None, idempotency_key=None,
+                webhook_state=None if job.webhook_state == "pending" else job.webhook_state,
+                webhook_next_at=None)).rowcount
+            if n != 1:
+                return None
+            s.execute(delete(JobEvent).where(JobEvent.job_id == job_id))
+            s.execute(delete(WebhookDelivery).where(WebhookDelivery.job_id == job_id))
         return self.get_job(job_id)
 
     @staticmethod

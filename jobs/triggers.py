@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from merge_ops.refs import parse_model_ref
@@ -45,6 +45,11 @@ class CronTrigger(BaseModel):
         if len(v.split()) not in (5, 6) or not croniter.is_valid(v):
             raise ValueError(f"{v!r} is not a cron expression: write 5 fields (minute hour day month "
                              "weekday, e.g. `0 3 * * *`) or 6 with seconds last")
+        try:  # valid syntax that names no real date (30 February, 31 April) would never come due
+            croniter(v, datetime(2026, 1, 1)).get_next(datetime)
+        except CroniterBadDateError:
+            raise ValueError(f"{v!r} never fires: no calendar date matches its day and month "
+                             "fields (e.g. 30 February); pick a day that exists in that month") from None
         return v
 
     @field_validator("timezone")
@@ -60,7 +65,8 @@ class CronTrigger(BaseModel):
 class RevisionTrigger(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["on_new_revision"] = "on_new_revision"
-    poll_seconds: float = Field(300.0, ge=1.0, le=86400.0,
+    # allow_inf_nan: YAML's .inf / .nan are floats too, and neither is a polling interval
+    poll_seconds: float = Field(300.0, ge=1.0, le=86400.0, allow_inf_nan=False,
                                 description="how often to read the hub heads of the base and experts")
 
 
@@ -179,3 +185,15 @@ def check_tag_template(template: str) -> str:
 def render_tag(template: str, n: int, due: datetime, timezone: str) -> str:
     local = due.astimezone(ZoneInfo(timezone)) if due.tzinfo else due
     return template.format(n=n, date=local.strftime("%Y-%m-%d"), time=local.strftime("%H%M%S"))
+
+
+def free_tag(tag: str, taken: set[str], limit: int = 1000) -> str | None:
+    """`tag` if no such tag exists on the target repo, else the first free `tag-2`, `tag-3`, ...
+    (a schedule deleted and re-added restarts {n} at 1, so run-1 may be an older schedule's tag).
+    None when `limit` suffixes are taken."""
+    if tag not in taken:
+        return tag
+    for k in range(2, limit + 2):
+        if f"{tag}-{k}" not in taken:
+            return f"{tag}-{k}"
+    return None

@@ -27,6 +27,7 @@ MAX_MAGNITUDE = 1e6
 MAX_STRING = 1000
 MAX_LIST = 256  # entries of a per-layer gradient or of a filter list
 MAX_FILTER = 256  # characters of a filter
+MAX_STEPS = 100_000  # optimizer steps of a learned method: a bound on one job's work
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,8 @@ class Param:
 
     def _validate_bounds(self, leaf: float, where: str) -> None:
         lo, hi = self.min, self.max
+        if abs(leaf) > MAX_MAGNITUDE:  # first: a huge value is out of range whatever the declared bounds
+            raise ValueError(f"{where}: {leaf:g} is out of range: use a value within ±{MAX_MAGNITUDE:g}")
         if lo is not None and leaf < lo:
             raise ValueError(f"{where}: {leaf} is below the minimum {lo}")
         if lo is not None and leaf == lo and not self.min_inclusive:
@@ -118,8 +121,6 @@ class Param:
             raise ValueError(f"{where}: {leaf} is above the maximum {hi}")
         if hi is not None and leaf == hi and not self.max_inclusive:
             raise ValueError(f"{where}: must be below {hi:g}, got {leaf}")
-        if abs(leaf) > MAX_MAGNITUDE:
-            raise ValueError(f"{where}: {leaf:g} is out of range: use a value within ±{MAX_MAGNITUDE:g}")
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ def learn_params(*, steps: int, batch_size: int, lr: float,
                  steps_help: str = "optimizer steps") -> tuple[Param, ...]:
     """steps, batch_size and lr, with a method's own defaults."""
     return (
-        Param("steps", steps, steps_help, type=int, min=1),
+        Param("steps", steps, steps_help, type=int, min=1, max=MAX_STEPS),
         Param("batch_size", batch_size, "calibration samples per task per step", type=int, min=1,
               max=65536),
         Param("lr", lr, lr_help, min=0.0),

@@ -8,6 +8,16 @@ field in the local log). `publish` first looks for a commit with the job id on t
 returns it instead of committing again, so a worker that crashed between committing and recording
 the result finds its commit on retry (and still creates the tag if the crash came before it).
 
+All or nothing: everything that can refuse a publish (names, the folder, the repo, a tag that
+exists) is checked before the branch moves, so a publish that raises has not moved the branch. Once
+the commit is on the branch, `publish` no longer raises: the commit is the job's result. On the
+local hub the tag is written with the branch (one refs.json replace). A Hugging Face Hub has no
+atomic commit+tag and no branch reset, so the tag is created after the commit; if it cannot be (a
+concurrent writer took the name between the check and the create, or the hub keeps refusing), the
+result is the branch commit with `warning` saying so, and the job succeeds untagged: its record says
+what the hub holds. A commit request that fails without an answer is looked up by job id before
+reporting failure (it may have landed).
+
     LocalHub(root)        the embedded default: a folder of repos with immutable revisions
     HfHubPublisher(...)   a Hugging Face Hub (or any server speaking its API: HF_ENDPOINT)
 
@@ -40,9 +50,10 @@ JOB_TRAILER = "Alloy-Job-Id"
 @dataclass(frozen=True)
 class PublishedRef:
     repo: str
-    revision: str  # the tag if one was asked for, else the branch
+    revision: str  # the tag if one was asked for (and created), else the branch
     commit: str
     url: str | None = None
+    warning: str | None = None  # the commit is published but something asked for was not (the tag)
 
 
 class Publisher(Protocol):
@@ -177,8 +188,7 @@ class LocalHub:
         d = self._dir(repo)
         with self._locked(repo):
             if job_id is not None and (found := self.find_commit(repo, job_id, branch)) is not None:
-                self._set_tag(repo, tag, found.commit)
-                return self._ref(repo, tag or branch, found.commit)
+                return self._tagged(repo, branch, tag, found.commit)
             _check_tag_free(self.refs(repo), repo, tag)  # fail before the copy, not after
         _sweep_staging(d / ".staging")
         # copy outside the lock (it is the slow part); the tree digest comes from the same read
@@ -188,8 +198,7 @@ class LocalHub:
             with self._locked(repo):
                 if job_id is not None and (found := self.find_commit(repo, job_id, branch)) is not None:
                     shutil.rmtree(staging)  # a concurrent attempt of the same job won the race
-                    self._set_tag(repo, tag, found.commit)
-                    return self._ref(repo, tag or branch, found.commit)
+                    return self._tagged(repo, branch, tag, found.commit)
                 refs = self.refs(repo)
                 _check_tag_free(refs, repo, tag)
                 parent = refs["branches"].get(branch)
@@ -214,16 +223,22 @@ class LocalHub:
                 shutil.rmtree(staging, ignore_errors=True)
         return self._ref(repo, tag or branch, commit)
 
-    def _set_tag(self, repo: str, tag: str | None, commit: str) -> None:
+    def _tagged(self, repo: str, branch: str, tag: str | None, commit: str) -> PublishedRef:
+        """The job's commit is already on the branch (an earlier attempt): tag it if the tag is free;
+        a tag someone else took meanwhile leaves it untagged, with a warning (never an error: the
+        branch has moved, so the publish happened)."""
         if tag is None:
-            return
+            return self._ref(repo, branch, commit)
         refs = self.refs(repo)
         have = refs["tags"].get(tag)
         if have is not None and have != commit:
-            raise PublishError(f"tag {tag!r} already exists on {repo} (commit {have[:12]}): choose another tag")
+            ref = self._ref(repo, branch, commit)
+            return PublishedRef(ref.repo, ref.revision, ref.commit, ref.url, warning=_tag_taken(tag, repo, have,
+                                                                                              commit, branch))
         if have is None:
             refs["tags"][tag] = commit
             self._write_refs(repo, refs)
+        return self._ref(repo, tag, commit)
 
     def _write_refs(self, repo: str, refs: dict) -> None:
         p = self._dir(repo) / "refs.json"
@@ -233,6 +248,11 @@ class LocalHub:
             fh.flush()
             os.fsync(fh.fileno())
         tmp.replace(p)
+
+
+def _tag_taken(tag: str, repo: str, have: str, commit: str, branch: str) -> str:
+    return (f"tag {tag!r} was created on {repo} by another writer (at {have[:12]}) after this job checked "
+            f"it: the merge is published as commit {commit[:12]} on {branch}, untagged")
 
 
 def _check_tag_free(refs: dict, repo: str, tag: str | None) -> None:
@@ -347,39 +367,76 @@ class HfHubPublisher:
         files = _folder_files(folder)
         api = self._api()
         step = f"creating {repo}"
-        try:
+        try:  # until the commit lands, any failure leaves the branch (and the tags) as they were
             api.create_repo(repo, exist_ok=True, private=self.private)
             if branch != "main":
                 step = f"creating branch {branch} of {repo}"
                 api.create_branch(repo, branch=branch, exist_ok=True)
             found = self.find_commit(repo, job_id, branch) if job_id is not None else None
-            if found is not None:
-                commit = found.commit
-            else:
-                step = f"committing to {repo}@{branch}"
-                head = api.repo_info(repo, revision=branch).sha
-                have = {f.path for f in api.list_repo_tree(repo, revision=head, recursive=True)
-                        if isinstance(f, RepoFile)}
-                ops: list = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(p)) for rel, p in files]
-                keep = {rel for rel, _ in files} | {".gitattributes"}
-                ops += [CommitOperationDelete(path_in_repo=p, is_folder=False) for p in sorted(have - keep)]
-                description = job_marker(job_id) if job_id is not None else ""
-                info = api.create_commit(repo, operations=ops, commit_message=message,
-                                         commit_description=description, revision=branch, parent_commit=head)
-                commit = info.oid
-            if tag is not None:
-                step = f"tagging {repo} {tag}"
-                tags = {t.name: t.target_commit for t in api.list_repo_refs(repo).tags}
-                if tag in tags and tags[tag] != commit:
-                    raise PublishError(f"tag {tag!r} already exists on {repo} (commit {tags[tag][:12]}): "
-                                       "choose another tag")
-                if tag not in tags:
-                    api.create_tag(repo, tag=tag, revision=commit, tag_message=message)
+            if found is not None:  # an earlier attempt committed: only the tag may be missing
+                return self._tag_after_commit(api, repo, branch, tag, found.commit, message)
+            step = f"checking tag {tag} of {repo}"
+            if tag is not None and (have := self._tags(api, repo).get(tag)) is not None:
+                raise PublishError(f"tag {tag!r} already exists on {repo} (commit {have[:12]}): choose another "
+                                   f"tag; nothing was published ({branch} is unchanged)")
+            step = f"committing to {repo}@{branch}"
+            head = api.repo_info(repo, revision=branch).sha
+            have_files = {f.path for f in api.list_repo_tree(repo, revision=head, recursive=True)
+                          if isinstance(f, RepoFile)}
+            ops: list = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(p)) for rel, p in files]
+            keep = {rel for rel, _ in files} | {".gitattributes"}
+            ops += [CommitOperationDelete(path_in_repo=p, is_folder=False) for p in sorted(have_files - keep)]
+            description = job_marker(job_id) if job_id is not None else ""
         except PublishError:
             raise
         except Exception as e:  # scrubbed: the token must not leak through the message or the chain
             raise self._error(e, step) from None
-        return PublishedRef(repo, tag or branch, commit, self._url(repo, commit))
+        try:
+            info = api.create_commit(repo, operations=ops, commit_message=message,
+                                     commit_description=description, revision=branch, parent_commit=head)
+        except Exception as e:
+            # the request may have landed and only its answer been lost: the job id tells
+            landed = self._landed(repo, job_id, branch)
+            if landed is None:
+                raise self._error(e, step) from None
+            return self._tag_after_commit(api, repo, branch, tag, landed, message)
+        return self._tag_after_commit(api, repo, branch, tag, info.oid, message)
+
+    def _tags(self, api, repo: str) -> dict[str, str]:
+        return {t.name: t.target_commit for t in api.list_repo_refs(repo).tags}
+
+    def _landed(self, repo: str, job_id: str | None, branch: str) -> str | None:
+        if job_id is None:
+            return None
+        try:
+            found = self.find_commit(repo, job_id, branch)
+        except PublishError:
+            return None
+        return None if found is None else found.commit
+
+    def _tag_after_commit(self, api, repo: str, branch: str, tag: str | None, commit: str, message: str,
+                          tries: int = 3) -> PublishedRef:
+        """The commit is on the branch: this never raises. The tag is created (a few tries for a
+        flaky hub); a tag taken by another writer, or one the hub keeps refusing, gives the branch
+        ref with a warning, so the job's record matches the hub."""
+        url = self._url(repo, commit)
+        if tag is None:
+            return PublishedRef(repo, branch, commit, url)
+        problem = ""
+        for _ in range(tries):
+            try:
+                have = self._tags(api, repo).get(tag)
+                if have == commit:  # ours (an earlier attempt, or a create whose answer was lost)
+                    return PublishedRef(repo, tag, commit, url)
+                if have is not None:
+                    return PublishedRef(repo, branch, commit, url, warning=_tag_taken(tag, repo, have, commit,
+                                                                                      branch))
+                api.create_tag(repo, tag=tag, revision=commit, tag_message=message)
+                return PublishedRef(repo, tag, commit, url)
+            except Exception as e:  # a 409 (taken meanwhile) is read back on the next try
+                problem = str(self._error(e, f"tagging {repo} {tag}"))
+        return PublishedRef(repo, branch, commit, url, warning=f"the merge is published as commit {commit[:12]} "
+                            f"on {branch}, but tag {tag!r} could not be created ({problem}): tag it by hand")
 
 
 def make_publisher(kind: Literal["local", "hf"], *, root: str | Path | None = None,

@@ -18,7 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from jobs.queue import EnqueueFn, producer, send, warm_up
 from jobs.settings import Settings, get_settings
 from jobs.store import Store
-from service import errors, routes_calibration, routes_jobs, routes_schedules
+from service import errors, routes_calibration, routes_jobs, routes_methods, routes_schedules
+from service.limits import BodyLimit
 from service.metrics import LatencyMiddleware, make_registry
 
 
@@ -48,10 +49,12 @@ def create_app(settings: Settings | None = None, *, enqueue: EnqueueFn | None = 
     registry, latency = make_registry(store, broker)
     app.state.settings, app.state.store, app.state.enqueue = settings, store, enqueue
     app.add_middleware(LatencyMiddleware, histogram=latency)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     errors.install(app)
     app.include_router(routes_jobs.router)
     app.include_router(routes_calibration.router)
     app.include_router(routes_schedules.router)
+    app.include_router(routes_methods.router)
 
     @app.get("/healthz", tags=["health"], summary="The process is up")
     def healthz() -> dict[str, str]:

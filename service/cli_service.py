@@ -6,7 +6,9 @@ it (exec), so signals reach the process itself and the API side never loads work
 
 `alloy up` is the laptop setup: a redis-server child (unless ALLOY_REDIS_URL is set), migrations,
 then the API, one worker, the reaper and the scheduler as child processes, each in its own process
-group so that Ctrl-C stops exactly what it started.
+group so that Ctrl-C stops exactly what it started. A child that dies is started again (`Supervisor`):
+a crashed worker does not take the API down, and its job comes back through the reaper once its
+lease expires. Only a child that keeps dying (a broken configuration) stops everything.
 """
 
 from __future__ import annotations
@@ -158,6 +160,61 @@ def stop_processes(procs: list[subprocess.Popen], grace: float = 15.0) -> None:
             p.wait()
 
 
+class Supervisor:
+    """Named children, started in order; one that exits is started again after a short back-off
+    (0.5, 1, 2 … s, at most 10). `check()` returns the name of a child that died more than
+    `max_restarts` times within `window` seconds: restarting it is pointless, the caller gives up."""
+
+    def __init__(self, children: dict[str, list[str]], env: dict[str, str], logs: Path, *,
+                 max_restarts: int = 5, window: float = 60.0, clock=time.monotonic, out=sys.stderr):
+        self.children, self.env, self.logs = children, env, logs
+        self.max_restarts, self.window, self.clock, self.out = max_restarts, window, clock, out
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.restarts: dict[str, list[float]] = {name: [] for name in children}
+        self._due: dict[str, float] = {}  # dead child -> when to start it again
+
+    def start(self, name: str) -> subprocess.Popen:
+        self.procs[name] = _spawn(self.children[name], self.env, self.logs / f"{name}.log")
+        return self.procs[name]
+
+    def start_all(self) -> None:
+        for name in self.children:
+            self.start(name)
+
+    def running(self) -> list[subprocess.Popen]:
+        """Children in start order (stop them in reverse: the API before the broker)."""
+        return [self.procs[n] for n in self.children if n in self.procs]
+
+    def check(self) -> str | None:
+        now = self.clock()
+        for name, p in list(self.procs.items()):
+            if p.poll() is None:
+                continue
+            if name not in self._due:
+                # its process group may outlive it (a Celery pool child, uvicorn's workers): a leftover
+                # would keep a job's lease alive; the replacement starts clean
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                recent = [t for t in self.restarts[name] if now - t < self.window]
+                self.restarts[name] = recent
+                if len(recent) >= self.max_restarts:
+                    print(f"alloy up: {name} exited (code {p.returncode}) {len(recent) + 1} times within "
+                          f"{self.window:g} s; giving up. See {self.logs / (name + '.log')}", file=self.out,
+                          flush=True)
+                    return name
+                self._due[name] = now + min(0.5 * 2 ** len(recent), 10.0)
+                print(f"alloy up: {name} exited (code {p.returncode}); starting it again", file=self.out,
+                      flush=True)
+            if now >= self._due[name]:
+                del self._due[name]
+                self.restarts[name].append(now)
+                new = self.start(name)
+                print(f"alloy up: {name} restarted (pid {new.pid})", file=self.out, flush=True)
+        return None
+
+
 def wait_http(url: str, timeout: float, procs: list[subprocess.Popen] = ()) -> None:
     import httpx
 
@@ -182,7 +239,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     logs = data / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    procs: list[subprocess.Popen] = []
+    children: dict[str, list[str]] = {}
     if not os.environ.get("ALLOY_REDIS_URL"):
         if shutil.which("redis-server") is None:
             from merge_ops.errors import InputError
@@ -190,9 +247,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             raise InputError("redis-server not found: install it (apt install redis-server) or set ALLOY_REDIS_URL")
         port = free_port()
         (data / "redis").mkdir(exist_ok=True)
-        procs.append(_spawn(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        # append-only in DATA_DIR/redis: a restarted redis-server child reloads the queued messages
+        children["redis"] = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "yes", "--dir", str(data / "redis"),
-                             "--maxmemory-policy", "noeviction"], env, logs / "redis.log"))
+                             "--maxmemory-policy", "noeviction"]
         env["ALLOY_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
         print(f"redis-server child on {env['ALLOY_REDIS_URL']}", flush=True)
     if not os.environ.get("ALLOY_TOKENS"):
@@ -201,19 +259,17 @@ def cmd_up(args: argparse.Namespace) -> int:
                                            "scopes": ["jobs:read", "jobs:write", "admin"]}])
     env.setdefault("ALLOY_DATA_DIR", str(data))
     upgrade(s.database_url)
-    children = {
+    children.update({
         "api": [sys.executable, "-m", "service.cli", "serve", "--skip-migrate", "--host", args.host,
                 "--port", str(args.port)],
         "worker": worker_process("worker", *_worker_args(CPU, args.worker_concurrency)),
         "reaper": worker_process("reaper"),
         "scheduler": worker_process("scheduler"),
-    }
-    names: dict[int, str] = {}
+    })
+    sup = Supervisor(children, env, logs)
     try:
-        for name, argv in children.items():
-            procs.append(_spawn(argv, env, logs / f"{name}.log"))
-            names[procs[-1].pid] = name
-        wait_http(f"http://{args.host}:{args.port}/healthz", 60, procs)
+        sup.start_all()
+        wait_http(f"http://{args.host}:{args.port}/healthz", 60, sup.running())
         print(f"Alloy is up: http://{args.host}:{args.port} (docs: /docs); logs in {logs}", flush=True)
         if not os.environ.get("ALLOY_TOKENS"):
             print(f"API token (tenant `local`) in {data / 'dev-token'}", flush=True)
@@ -221,10 +277,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         stopping = {"flag": False}
         signal.signal(signal.SIGTERM, lambda *_: stopping.update(flag=True))
         while not stopping["flag"]:
-            dead = [p for p in procs if p.poll() is not None]
-            if dead:
-                print(f"alloy up: a child exited ({names.get(dead[0].pid, dead[0].args[0])}, code "
-                      f"{dead[0].returncode}); stopping. See {logs}", file=sys.stderr)
+            if sup.check() is not None:
                 return 1
             time.sleep(0.5)
         return 0
@@ -232,7 +285,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 0
     finally:
         print("stopping...", file=sys.stderr, flush=True)
-        stop_processes(list(reversed(procs)))
+        stop_processes(list(reversed(sup.running())))
 
 
 def _dev_token(data: Path) -> str:

@@ -1,5 +1,6 @@
-"""Prometheus metrics: HTTP latency (measured here), jobs by state and job duration by method (read
-from the store at scrape time, so every API replica reports the same truth), queue depth (Redis)."""
+"""Prometheus metrics: HTTP latency (measured here), jobs by state and job duration by method and
+schedule health (read from the store at scrape time, so every API replica reports the same truth),
+queue depth (Redis)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class StoreCollector:
             buckets = [(str(b), c) for b, c in zip(DURATION_BUCKETS, cum, strict=True)] + [("+Inf", count)]
             h.add_metric([method], buckets, total)
         yield h
+        yield from schedule_metrics(self.store)
         depth = GaugeMetricFamily("alloy_queue_depth", "messages waiting in the broker", labels=["queue"])
         try:
             for q in self.queues:
@@ -45,6 +47,25 @@ class StoreCollector:
         except Exception:  # broker down: report what we can (readyz says why)
             pass
         yield depth
+
+
+def schedule_metrics(store: Store):
+    """Each schedule's health: consecutive failures, last success and next due time (unix seconds)."""
+    from jobs.schedule_store import ScheduleStore
+
+    labels = ["schedule", "tenant", "name"]
+    fails = GaugeMetricFamily("alloy_schedule_consecutive_failures",
+                              "failed or rejected runs in a row of a schedule", labels=labels)
+    ok = GaugeMetricFamily("alloy_schedule_last_success_timestamp_seconds",
+                           "when a run of the schedule last published (0: never)", labels=labels)
+    due = GaugeMetricFamily("alloy_schedule_next_due_timestamp_seconds",
+                            "the schedule's next due time or poll (0: paused)", labels=labels)
+    for sch in ScheduleStore(store).all_health():
+        lv = [sch.id, sch.tenant, sch.name or ""]
+        fails.add_metric(lv, sch.consecutive_failures or 0)
+        ok.add_metric(lv, sch.last_success_at.timestamp() if sch.last_success_at else 0)
+        due.add_metric(lv, sch.next_due_at.timestamp() if sch.next_due_at and not sch.paused else 0)
+    yield from (fails, ok, due)
 
 
 class LatencyMiddleware:

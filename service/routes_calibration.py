@@ -3,6 +3,8 @@
 Each line is a JSON object with `text` (a non-empty string), `input_ids` (a list of token ids) or
 `input` (a list of numbers, for OT fusion of MLP/CNN models): the rows of merge_ops/calibration.py;
 blank lines are skipped. The body is streamed to disk and refused with 413 past the size limit.
+Sets are content-addressed per tenant: uploading the same bytes again returns the same set (its id
+derives from the tenant and the SHA-256), so a retried upload never makes a second copy.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.exc import IntegrityError
 
 from jobs.models import CalibrationSet
 from jobs.store import new_id
@@ -47,10 +50,9 @@ async def upload(request: Request, response: Response, p: Writer,
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise too_big
-    set_id = new_id("cal")
     folder = settings.data_dir / "calibration" / p.tenant
     folder.mkdir(parents=True, exist_ok=True)
-    path, size, digest = folder / f"{set_id}.jsonl", 0, hashlib.sha256()
+    path, size, digest = folder / f".upload-{new_id('cal')}.jsonl", 0, hashlib.sha256()
     try:
         with path.open("wb") as f:
             async for chunk in request.stream():
@@ -60,14 +62,39 @@ async def upload(request: Request, response: Response, p: Writer,
                 digest.update(chunk)
                 f.write(chunk)
         lines = await run_in_threadpool(validate_jsonl, path)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    cs = CalibrationSet(id=set_id, tenant=p.tenant, name=name, path=str(path), size=size, lines=lines,
-                        sha256=digest.hexdigest())
-    await run_in_threadpool(store.add_calibration_set, cs)
-    response.headers["Location"] = f"/v1/calibration-sets/{set_id}"
+        cs, created = await run_in_threadpool(_keep, store, path, p.tenant, name, size, lines, digest.hexdigest())
+    finally:
+        path.unlink(missing_ok=True)  # renamed away when kept
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/v1/calibration-sets/{cs.id}"
     return calibration_out(cs)
+
+
+def content_id(tenant: str, sha256: str) -> str:
+    """A set's id follows from its tenant and bytes: the same upload (a retry) names the same set, and
+    two tenants' identical uploads stay two sets."""
+    return "cal_" + hashlib.sha256(f"{tenant}\0{sha256}".encode()).hexdigest()[:32]
+
+
+def _keep(store, tmp: Path, tenant: str, name: str | None, size: int, lines: int, sha256: str
+          ) -> tuple[CalibrationSet, bool]:
+    """The tenant's set with these bytes, made from `tmp` unless it exists; (set, created)."""
+    set_id = content_id(tenant, sha256)
+    found = store.get_calibration_set(set_id, tenant)
+    if found is not None:
+        return found, False
+    final = tmp.with_name(f"{set_id}.jsonl")
+    os.replace(tmp, final)  # same bytes under the same name: a concurrent twin's rename is harmless
+    cs = CalibrationSet(id=set_id, tenant=tenant, name=name, path=str(final), size=size, lines=lines,
+                        sha256=sha256)
+    try:
+        return store.add_calibration_set(cs), True
+    except IntegrityError:  # a concurrent identical upload inserted it first
+        found = store.get_calibration_set(set_id, tenant)
+        if found is None:
+            raise
+        return found, False
 
 
 @router.get("", response_model=CalibrationSetList, responses=ERRORS, summary="List calibration sets")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,16 +18,20 @@ from jobs.models import Job
 from jobs.queue import queue_for, wake
 from jobs.settings import Settings
 from jobs.states import TERMINAL, JobState
-from jobs.store import IdempotencyConflict, NotCancellable, Store
+from jobs.store import IdempotencyConflict, NotCancellable, NotDeletable, Store
 from merge_ops.spec import MergeSpec
 from service.auth import Principal, Reader, Writer
 from service.errors import ApiError
-from service.schemas import JobList, Problem
+from service.schemas import JobList, Problem, job_summary
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 MAX_EVENT_ID = 2**63 - 1  # event ids are BIGINT
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": Problem} for code in (400, 401, 403, 404, 409, 422, 503)}  # 400: unparsable body; 503: store down
+SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS, 413: {"model": Problem, "description": "body larger than ALLOY_MAX_BODY_BYTES"},
+    429: {"model": Problem, "description": "too many queued or running jobs for this tenant (Retry-After)"}}
+QUOTA_RETRY_AFTER = "30"  # seconds: a merge takes minutes; polling faster only adds load
 
 
 def _store(request: Request) -> Store:
@@ -39,18 +44,19 @@ def _settings(request: Request) -> Settings:
 
 def _job_or_404(request: Request, job_id: str, p: Principal) -> Job:
     job = _store(request).get_job(job_id, p.tenant_filter)
-    if job is None:
+    if job is None or (job.deleted_at is not None and not p.is_admin):  # admins read the audit row
         raise ApiError(404, "not_found", f"no job {job_id!r}")
     return job
 
 
-@router.post("", status_code=202, response_model=JobOut, responses=ERRORS,
+@router.post("", status_code=202, response_model=JobOut, responses=SUBMIT_ERRORS,
              summary="Submit a merge job (body: a MergeSpec)")
 def submit(spec: MergeSpec, request: Request, response: Response, p: Writer,
            idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
     """Validate fully, record the job as `queued`, and wake a worker. Returns 202 and `Location`."""
     store, settings = _store(request), _settings(request)
-    check_admission(spec, p.tenant, store, settings)
+    check_admission(spec, p.tenant, store, settings, admin=p.is_admin)
+    _check_quota(store, settings, p.tenant, idempotency_key)
     queue = queue_for(spec.method_def(), settings)
     try:
         job, created = store.create_job(tenant=p.tenant, spec=spec.model_dump(mode="json"),
@@ -67,12 +73,25 @@ def submit(spec: MergeSpec, request: Request, response: Response, p: Writer,
     return job_out(job)
 
 
+def _check_quota(store: Store, settings: Settings, tenant: str, idempotency_key: str | None) -> None:
+    """429 past the tenant's queued + running quota; a retry of an accepted submit is still answered.
+    Checked before the insert, so concurrent submits may pass it together: a soft cap, by a few."""
+    cap = settings.max_active_jobs_per_tenant
+    if not cap or store.count_active(tenant) < cap:
+        return
+    if idempotency_key is not None and store.find_by_idempotency_key(tenant, idempotency_key) is not None:
+        return
+    raise ApiError(429, "too_many_jobs", f"this tenant already has {cap} queued or running jobs (the "
+                   "server's limit): wait for some to finish or cancel some, then submit again",
+                   headers={"Retry-After": QUOTA_RETRY_AFTER})
+
+
 @router.get("", response_model=JobList, responses=ERRORS, summary="List jobs, newest first")
 def list_jobs(request: Request, p: Reader, state: JobState | None = None,
               after: Annotated[str | None, Query(max_length=64, description="last id of the previous page")] = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20) -> JobList:
     rows, more = _store(request).list_jobs(p.tenant_filter, state=state, after=after, limit=limit)
-    return JobList(data=[job_out(j) for j in rows], has_more=more, last_id=rows[-1].id if rows else None)
+    return JobList(data=[job_summary(j) for j in rows], has_more=more, last_id=rows[-1].id if rows else None)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=ERRORS, summary="Get a job")
@@ -91,6 +110,23 @@ def cancel(job_id: str, request: Request, p: Writer) -> JobOut:
     if job is None:
         raise ApiError(404, "not_found", f"no job {job_id!r}")
     return job_out(job)
+
+
+@router.delete("/{job_id}", status_code=204, responses=ERRORS, summary="Delete a finished job")
+def delete_job(job_id: str, request: Request, p: Writer) -> Response:
+    """Removes the job's files (an unpublished model, coefficients) and its spec, events and webhook
+    deliveries; a small audit record stays (tenant, method, final state, times, published ref). A
+    published model stays on its hub. 409 while the job is queued or running: cancel it first."""
+    store = _store(request)
+    try:
+        job = store.delete_job(job_id, p.tenant_filter)
+    except NotDeletable as e:
+        raise ApiError(409, "not_finished", f"job {job_id} is {e}: cancel it and wait for it to stop, "
+                       "then delete it") from None
+    if job is None:
+        raise ApiError(404, "not_found", f"no job {job_id!r}")
+    shutil.rmtree(_settings(request).data_dir / "jobs" / job.id, ignore_errors=True)
+    return Response(status_code=204)
 
 
 @router.get("/{job_id}/events", responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},

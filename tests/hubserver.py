@@ -14,6 +14,11 @@ kept so tests can count the commits carrying a job id. Tests also push commits d
         HfApi(endpoint=hub.url, token="hf_test").create_repo("org/x")
         hub.push("org/x", {"config.json": b"{}"})
 
+Fault injection for failure-order tests: `hub.inject("commit", status=500)` fails the next commit
+request before it is applied; `after=True` applies it, then answers the error (a lost response);
+`hook=fn` runs `fn()` first (e.g. a concurrent writer creating the tag) and then serves normally.
+Actions are the path part after the repo id: commit, tag, refs, commits, preupload, revision, ...
+
 Run standalone for manual use: `python -m tests.hubserver --port 8765`.
 """
 
@@ -27,7 +32,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -82,6 +87,19 @@ class Repo:
             out.append(self.commits[c])
             c = self.commits[c].parent
         return out
+
+
+@dataclass
+class Fault:
+    """One injected failure: the next `times` requests of `method` to `action` fail with `status`."""
+
+    action: str
+    method: str = "POST"
+    status: int | None = 500
+    times: int = 1
+    after: bool = False  # apply the request, then answer the error (the client never sees the result)
+    hook: Callable[[], None] | None = None  # run before serving the request (a concurrent writer)
+    hits: int = 0
 
 
 class _HubError(Exception):
@@ -194,6 +212,16 @@ class HubApp:
         self.state = state
         self.token = token
         self.base_url = ""  # set once the port is known, used in returned URLs
+        self.faults: list[Fault] = []
+        self._faults_lock = threading.Lock()
+
+    def _take_fault(self, action: str, method: str) -> Fault | None:
+        with self._faults_lock:
+            for f in self.faults:
+                if f.action == action and f.method == method and f.hits < f.times:
+                    f.hits += 1
+                    return f
+        return None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -243,7 +271,15 @@ class HubApp:
             return _json({"type": "user", "name": "tester", "auth": {"accessToken": {"role": "write"}}})
         if len(segs) >= 4 and segs[0] == "api" and segs[1] == "models":
             repo_id, action, rest = f"{segs[2]}/{segs[3]}", (segs[4] if len(segs) > 4 else ""), segs[5:]
-            return await self.repo_api(request, method, repo_id, action, rest)
+            fault = self._take_fault(action, method)
+            if fault is not None and fault.hook is not None:
+                fault.hook()
+            if fault is not None and fault.status is not None and not fault.after:
+                raise _HubError(fault.status, f"injected failure of {method} {action}")
+            response = await self.repo_api(request, method, repo_id, action, rest)
+            if fault is not None and fault.status is not None and fault.after:
+                raise _HubError(fault.status, f"injected failure of {method} {action} (after applying it)")
+            return response
         if len(segs) >= 5 and segs[2] == "resolve" and method in ("GET", "HEAD"):
             return self.resolve(request, f"{segs[0]}/{segs[1]}", segs[3], "/".join(segs[4:]))
         raise _HubError(404, f"no route for {method} /{'/'.join(segs)}")
@@ -438,6 +474,31 @@ class HubServer:
             self._thread.join(timeout=10)
         if self._tmp is not None:
             self._tmp.cleanup()
+
+    # -- fault injection -------------------------------------------------------------------------
+    def inject(self, action: str, *, method: str = "POST", status: int | None = 500, times: int = 1,
+               after: bool = False, hook: Callable[[], None] | None = None) -> Fault:
+        """Make the next `times` requests to `action` fail (see the module doc); returns the fault
+        (its `hits` counts the requests it caught)."""
+        f = Fault(action, method, status, times, after, hook)
+        with self.app._faults_lock:
+            self.app.faults.append(f)
+        return f
+
+    def clear_faults(self) -> None:
+        with self.app._faults_lock:
+            self.app.faults.clear()
+
+    def tag(self, repo_id: str, tag: str, revision: str = "main") -> str:
+        """Create a tag directly (another writer)."""
+        with self.state.lock:
+            repo = self.state.repo(repo_id)
+            repo.tags[tag] = self.state.commit_at(repo, revision).id
+            return repo.tags[tag]
+
+    def tags(self, repo_id: str) -> dict[str, str]:
+        with self.state.lock:
+            return dict(self.state.repo(repo_id).tags)
 
     # -- direct access for tests (no HTTP) -------------------------------------------------------
     def create_repo(self, repo_id: str) -> None:

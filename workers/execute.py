@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jobs.admission import AdmissionError, check_model_sources, publish_problem
 from jobs.queue import GPU
 from jobs.settings import Settings, worker_name
 from jobs.states import CANCELLED, FAILED, SUCCEEDED
@@ -23,6 +24,7 @@ from merge_ops.sources import scrub
 from merge_ops.spec import MergeSpec
 
 log = logging.getLogger("alloy.worker")
+_now = time.monotonic  # the job timeout's clock (tests step it)
 
 
 class Reporter:
@@ -32,7 +34,12 @@ class Reporter:
     def __init__(self, store: Store, job_id: str, attempt: int, settings: Settings):
         self.store, self.job_id, self.attempt, self.s = store, job_id, attempt, settings
         self.stage: str | None = None
-        self.cancel = False  # a cancel was requested, or this attempt lost the job
+        self.cancel = False  # a cancel was requested, this attempt lost the job, or it timed out
+        # ALLOY_JOB_TIMEOUT_SECONDS, per attempt: past it the job stops at its next progress or cancel
+        # check (recorded as failed `timeout`); a step that never checks is failed by the heartbeat
+        # thread after a grace period, and the fence keeps the late step from writing anything
+        self.deadline = _now() + settings.job_timeout_seconds
+        self.timed_out = False
         self._last = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -50,6 +57,19 @@ class Reporter:
         # renews the lease even while one step runs for a long time (no progress calls)
         while not self._stop.wait(self.s.heartbeat_seconds):
             self._write()
+            if self._past_deadline() and _now() > self.deadline + self._grace():
+                if self.store.finish(self.job_id, self.attempt, FAILED, error_code="timeout",
+                                     error_message=timeout_message(self.s)):
+                    log.warning("job %s: past its time limit and not stopping; recorded as failed", self.job_id)
+                return
+
+    def _grace(self) -> float:
+        return max(60.0, 3 * self.s.heartbeat_seconds)
+
+    def _past_deadline(self) -> bool:
+        if not self.timed_out and _now() >= self.deadline:
+            self.timed_out = self.cancel = True
+        return self.timed_out
 
     def _write(self, **progress: Any) -> None:
         with self._lock:
@@ -72,6 +92,7 @@ class Reporter:
 
     def progress(self, stage: str, step: int, total: int | None, loss: float | None = None) -> None:
         self.enter_stage(stage)
+        self._past_deadline()
         done = total is not None and step >= total
         if done or time.monotonic() - self._last >= self.s.progress_interval:
             self._write(stage=stage, step=step, total=total,
@@ -80,6 +101,7 @@ class Reporter:
             raise Cancelled("cancelled on request")
 
     def cancel_requested(self) -> bool:
+        self._past_deadline()
         if time.monotonic() - self._last >= self.s.progress_interval:
             self._write()
         return self.cancel
@@ -108,6 +130,9 @@ def run_job(job_id: str, store: Store, settings: Settings) -> str:
             result = _run(job.spec, job.tenant, job.queue, job_id, work, rep, store, settings)
     except Exception as e:
         shutil.rmtree(work, ignore_errors=True)
+        if rep.timed_out and isinstance(e, Cancelled):
+            ok = store.finish(job_id, attempt, FAILED, error_code="timeout", error_message=timeout_message(settings))
+            return "timeout" if ok else "fenced"
         return _record_failure(store, settings, job_id, attempt, e)
     if result["published"] is not None:
         shutil.rmtree(work, ignore_errors=True)  # the hub holds it now; coefficients were copied out
@@ -117,6 +142,11 @@ def run_job(job_id: str, store: Store, settings: Settings) -> str:
         log.info("job %s succeeded", job_id)
         return "succeeded"
     return "fenced"
+
+
+def timeout_message(settings: Settings) -> str:
+    return (f"the job ran longer than this server's limit of {settings.job_timeout_seconds:g} s "
+            "(ALLOY_JOB_TIMEOUT_SECONDS) and was stopped: use fewer steps or smaller inputs, or ask the operator")
 
 
 def _record_failure(store: Store, settings: Settings, job_id: str, attempt: int, e: Exception) -> str:
@@ -138,6 +168,10 @@ def _run(spec_doc: dict[str, Any], tenant: str, queue: str, job_id: str, work: P
     from merge_ops.runner import ResolveOptions, publish_result, run_merge  # torch: only in the worker
 
     spec = MergeSpec.model_validate(spec_doc)
+    # again at resolve: the settings (roots, data dir, hub orgs) may have changed since submit
+    check_model_sources(spec, settings)
+    if (why := publish_problem(spec, tenant, settings)) is not None:
+        raise AdmissionError(why, param="publish.repo")
     opts = ResolveOptions(token=settings.hub_token(tenant), endpoint=settings.hub_endpoint,
                           cache_dir=settings.data_dir / "cache", allowed_roots=settings.roots)
     outcome = run_merge(spec, work / "model", device=_device(queue), channel=rep, job_id=job_id,

@@ -40,7 +40,9 @@ def run_forever(settings: Settings, stop: threading.Event | None = None) -> None
     stop = stop or threading.Event()
     store = Store(settings.database_url)
     app = producer(settings)
-    with httpx.Client() as client:
+    # trust_env=False: a proxy from the environment would connect to the webhook's name itself,
+    # around the address jobs/egress.py checked and pinned
+    with httpx.Client(trust_env=False) as client:
         while not stop.is_set():
             try:
                 sweep(store, settings, client, lambda job_id, queue: send(job_id, queue, app))

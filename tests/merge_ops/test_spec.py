@@ -65,7 +65,7 @@ def test_mergekit_yaml_is_translated(tmp_path):
     ({"method": "adamerging", "base": "./b", "experts": [{"model": "./a"}],
       "calibration": {"tasks": {"x": "c.jsonl"}}}, "no data for expert(s) ['a']"),
     ({"merge_method": "ties", "slices": []}, "slices"),
-    ({"merge_method": "della", "models": []}, "not supported"),
+    ({"merge_method": "no_such_method", "models": []}, "not supported"),
     ("just a string", "mapping"),
 ])
 def test_refusals_name_what_to_fix(doc, needle):

@@ -41,6 +41,7 @@ def map_body(context, body):
         seed = body.get("seed")
         return {**VALID_SPEC, "seed": seed if isinstance(seed, int) and not isinstance(seed, bool) else 0}
     if op.path == "/v1/schedules":
-        return {"spec": VALID_SPEC, "trigger": {"type": "cron", "cron": "0 3 * * *"},
+        return {"spec": {**VALID_SPEC, "publish": {"repo": "acme/merged"}},  # a schedule must publish
+                "trigger": {"type": "cron", "cron": "0 3 * * *"},
                 "paused": bool(body.get("paused", False))}
     return body

@@ -15,7 +15,8 @@ from tests.service.fixtures import redis_url, token_config  # noqa: F401  (fixtu
 def settings(tmp_path, redis_url) -> Settings:  # noqa: F811
     s = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'alloy.db'}", redis_url=redis_url,
                  tokens=token_config(), allowed_roots=[tmp_path], max_upload_bytes=4096,
-                 webhook_secret="whsec-test", sse_poll_seconds=0.05)
+                 webhook_secret="whsec-test", sse_poll_seconds=0.05,
+                 hub_namespaces={"acme": ["acme", "org"]})  # the schedule tests publish to org/merged
     upgrade(s.database_url)
     return s
 

@@ -124,3 +124,136 @@ def test_schedule_file_reads_its_spec_like_alloy_submit(tmp_path):
     f.write_text(yaml.safe_dump({"spec": "merge.yaml"}))
     with pytest.raises(InputError, match="a schedule file is a mapping with `trigger` and `spec`"):
         load_schedule_file(f)
+
+
+# -- lifecycle -----------------------------------------------------------------------------------
+def test_cron_expressions_that_never_fire_are_refused_on_create_and_patch(client):
+    for cron in ("0 0 30 2 *", "0 0 31 4 *"):
+        r = create(client, trigger={"type": "cron", "cron": cron})
+        assert r.status_code == 422, r.text
+        assert "never fires" in r.json()["error"]["message"]
+    sid = create(client).json()["id"]
+    r = client.patch(f"/v1/schedules/{sid}", json={"trigger": {"type": "cron", "cron": "0 0 31 4 *"}},
+                     headers=auth())
+    assert r.status_code == 422 and "never fires" in r.json()["error"]["message"]
+    assert client.get(f"/v1/schedules/{sid}", headers=auth()).json()["trigger"] == CRON  # unchanged
+
+
+def test_patch_changes_the_spec_checked_like_a_new_one_and_keeps_the_history(client, settings):
+    sid = create(client, trigger={"type": "on_new_revision", "poll_seconds": 30}).json()["id"]
+    heads = {"org/base": "b" * 40, "org/e1": "1" * 40, "org/e2": "2" * 40, "org/e3": "3" * 40}
+    sched = Scheduler(Store(settings.database_url), settings, SchedulerSettings(),
+                      heads=lambda ref, tenant: heads[ref], enqueue=lambda j, q: None, tags=lambda p, t: set())
+    sched.tick()
+    url = f"/v1/schedules/{sid}"
+    new_spec = {**SPEC, "experts": [{"model": "org/e1"}, {"model": "org/e3"}]}
+    for bad, needle in (({**SPEC, "method": "nope"}, "unknown method"),
+                        ({k: v for k, v in SPEC.items() if k != "publish"}, "no `publish` target"),
+                        ({**SPEC, "publish": {"repo": "org/merged", "tag": "v1"}}, "set `tag_template`"),
+                        (None, "spec cannot be null")):
+        r = client.patch(url, json={"spec": bad}, headers=auth())
+        assert r.status_code == 422 and needle in r.json()["error"]["message"], (bad, r.text)
+    r = client.patch(url, json={"spec": new_spec}, headers=auth())
+    assert r.status_code == 200, r.text
+    assert r.json()["spec"]["experts"][1]["model"] == "org/e3" and r.json()["run_count"] == 1
+    sched.store.clock = lambda: datetime.now(UTC) + timedelta(seconds=31)
+    sched.tick()  # the new spec's inputs differ: run 2, numbered after the old runs
+    data = client.get(f"{url}/runs", headers=auth()).json()["data"]
+    assert [r["n"] for r in data] == [2, 1] and data[0]["tag"] == "run-2"
+    assert [c["name"] for c in data[0]["changes"]] == ["e3"]
+
+
+def test_run_now_health_and_metrics(client, settings):
+    sid = create(client).json()["id"]
+    assert client.post(f"/v1/schedules/{sid}/run", headers=auth("other")).status_code == 404
+    assert client.post(f"/v1/schedules/{sid}/run", headers=auth("acme-ro")).status_code == 403
+    r = client.post(f"/v1/schedules/{sid}/run", headers=auth())
+    assert r.status_code == 202 and r.json()["run_requested_at"] is not None
+    assert r.json()["health"] == {"status": "no_finished_run", "last_success_at": None, "last_failure_at": None,
+                                  "last_outcome": None, "consecutive_failures": 0,
+                                  "next_due_at": r.json()["next_due_at"]}
+    heads = {"org/base": "b" * 40, "org/e1": "1" * 40, "org/e2": "2" * 40}
+    store = Store(settings.database_url)
+    sched = Scheduler(store, settings, SchedulerSettings(retry_max=0), heads=lambda ref, tenant: heads[ref],
+                      enqueue=lambda j, q: None, tags=lambda p, t: set())
+    sched.tick()
+    [run] = client.get(f"/v1/schedules/{sid}/runs", headers=auth()).json()["data"]
+    assert run["reason"].startswith("run now") and run["n"] == 1 and run["job_id"]
+    claim = store.claim(run["job_id"], "w", 60)
+    store.finish(run["job_id"], claim.attempt, "failed", error_code="x", error_message="boom")
+    sched.tick()
+    h = client.get(f"/v1/schedules/{sid}", headers=auth()).json()["health"]
+    assert h["status"] == "failing" and h["consecutive_failures"] == 1 and h["last_outcome"] == "failed"
+    text = client.get("/metrics").text
+    assert f'alloy_schedule_consecutive_failures{{name="nightly",schedule="{sid}",tenant="acme"}} 1.0' in text
+    assert f'alloy_schedule_last_success_timestamp_seconds{{name="nightly",schedule="{sid}",tenant="acme"}} 0.0' \
+        in text
+    assert "alloy_schedule_next_due_timestamp_seconds{" in text
+
+
+def test_list_and_runs_page_with_has_more(client):
+    ids = [create(client, name=f"s{i}").json()["id"] for i in range(5)]
+    seen, after = [], None
+    while True:
+        page = client.get("/v1/schedules", params={"limit": 2, **({"after": after} if after else {})},
+                          headers=auth()).json()
+        seen += [s["id"] for s in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert seen == ids[::-1]
+
+
+def _cli(*argv: str) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from service.cli import main as alloy
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = alloy(["schedules", *argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_cli_errors_are_one_line_and_exit_2(tmp_path):
+    from service.cli_service import free_port
+
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    rc, out, err = _cli("--api", down, "--token", "t", "list")
+    assert rc == 2 and err.startswith("alloy: error: cannot reach the API at") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(SPEC))
+    for bad in (".inf", ".nan"):
+        f = tmp_path / "s.yaml"
+        f.write_text(f"trigger: {{type: on_new_revision, poll_seconds: {bad}}}\nspec: merge.yaml\n")
+        rc, out, err = _cli("--api", down, "--token", "t", "add", str(f))
+        assert rc == 2 and "poll_seconds: Input should be a finite number" in err and "Traceback" not in err
+
+
+def test_inline_spec_takes_relative_paths_like_a_spec_file(tmp_path):
+    from service.cli_schedules import load_schedule_file
+
+    f = tmp_path / "nightly.yaml"
+    f.write_text(yaml.safe_dump({"trigger": CRON, "spec": {
+        "method": "task_arithmetic", "base": "./models/base", "experts": [{"model": "../shared/e1"}],
+        "parameters": {"lambda": 0.5}, "publish": {"repo": "acme/m"}}}))
+    body = load_schedule_file(f)
+    assert body["spec"]["base"] == str(tmp_path / "models" / "base")
+    assert body["spec"]["experts"][0]["model"] == str(tmp_path.parent / "shared" / "e1")
+
+
+def test_scheduler_refuses_bad_settings_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ALLOY_")}, "ALLOY_DATA_DIR": str(tmp_path)}
+    for var, value in (("ALLOY_SCHEDULER_TICK_SECONDS", "-1"), ("ALLOY_SCHEDULER_LEASE_SECONDS", "soon"),
+                       ("ALLOY_SCHEDULER_TICK_SECONDS", "inf"), ("ALLOY_SCHEDULER_RETRY_MAX", "nan"),
+                       ("ALLOY_MAX_ATTEMPTS", "0")):
+        p = subprocess.run([sys.executable, "-m", "workers.scheduler"], env={**env, var: value},
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2, (var, p.stderr)
+        assert p.stderr.startswith(f"alloy scheduler: error: {var}:") and "Traceback" not in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1

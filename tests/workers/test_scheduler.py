@@ -74,7 +74,8 @@ def store(request, tmp_path, migrated_sqlite):
 
 @pytest.fixture
 def settings(tmp_path) -> Settings:
-    return Settings(data_dir=tmp_path, database_url="sqlite://", allowed_roots=[tmp_path])
+    return Settings(data_dir=tmp_path, database_url="sqlite://", allowed_roots=[tmp_path],
+                    hub_namespaces={"acme": ["org"]})  # TEMPLATE publishes to org/merged
 
 
 def scheduler(store, settings, heads, sent=None, owner="s1", **cfg) -> Scheduler:
@@ -141,7 +142,7 @@ def test_cron_reads_its_time_zone_across_a_dst_change(store, settings):
 def test_cron_run_with_unchanged_inputs_is_skipped_not_published(store, settings):
     heads = Heads()
     sid = add(store, {"type": "cron", "cron": "0 * * * *"}).id
-    s = scheduler(store, settings, heads, misfire_grace_seconds=1800)
+    s = scheduler(store, settings, heads, misfire_grace_seconds=1800, retry_max=0)  # retries: their own test
     step(store, s, 1800, 6)  # 11:00, 12:00, 13:00
     r = runs(store, sid)
     assert [x.status for x in r] == ["submitted", "skipped", "skipped"] and len(jobs(store)) == 1

@@ -56,7 +56,8 @@ def world(tmp_path_factory, redis_url):
     experts = make_experts(base, 2, models)
     with serve_hub(token=HUB_TEST_TOKEN) as hub:
         env = service_env(root, redis_url, ALLOY_HUB_ENDPOINT=hub.url,
-                          ALLOY_HUB_TOKENS=json.dumps({"acme": HUB_TEST_TOKEN}))
+                          ALLOY_HUB_TOKENS=json.dumps({"acme": HUB_TEST_TOKEN}),
+                          ALLOY_WEBHOOK_ALLOW='["127.0.0.1"]')  # the receiver is local (egress guard)
         procs = Procs(root)
         try:
             svc = Service(procs, env)
