@@ -16,9 +16,10 @@ density ≥ 1 keeps everything, density ≤ 0 nothing; otherwise density ± epsi
 (mergekit raises the same error). Defaults (mergekit): weight 1, density 1, epsilon 0.15, lambda 1,
 normalize true (della) / false (della_linear), rescale true.
 
-Streaming: ranks are computed a block of whole rows at a time (one stable sort per row; a row cut
-by a block edge is re-read from the inputs), and the uniforms are drawn block by block from the
-tensor's generator, rewound before every pass, so the rescale and merge passes see the same mask.
+Streaming: ranks are computed a block of whole rows at a time (one stable sort per row, of the
+magnitudes' bit patterns; a row cut by a block edge is re-read from the inputs), and the uniforms
+are drawn block by block from the tensor's generator. With `rescale` the first pass records the
+mask (one byte per entry) and the merge pass replays it.
 Ties in magnitude are ranked by index (mergekit's argsort leaves them unspecified); the masks match
 mergekit in distribution (keep rate per rank), not entry by entry.
 """
@@ -82,11 +83,16 @@ class MagPrune:
     needs_magnitudes = False
 
     def __init__(self, density: float, epsilon: float, expert: torch.Tensor, base: torch.Tensor,
-                 generator: torch.Generator, wd: torch.dtype):
+                 generator: torch.Generator, wd: torch.dtype, passes: int = 1):
         self.density, self.epsilon = density, epsilon
         self.expert, self.base = expert, base
         self.gen, self._state = generator, generator.get_state()
         self.wd = wd
+        # with rescale the driver applies the trim twice (L1 norms, then merge): the first pass
+        # records the mask (1 byte per entry) so the second neither sorts nor draws again
+        self.record = passes > 1 and 0 < density < 1
+        self.mask: torch.Tensor | None = None
+        self.replay = False
         shape = base.shape
         self.cols = shape[-1] if base.dim() == 2 else base.numel()  # 1-D: one row
         self.full: torch.Tensor | None = None  # > 2 dims: probabilities precomputed along dim 1
@@ -103,17 +109,23 @@ class MagPrune:
 
     def start(self) -> None:
         self.gen.set_state(self._state)
+        if self.mask is not None:  # a recorded pass exists: replay it
+            self.replay = True
+        elif self.record:
+            self.mask = torch.empty(self.base.numel(), dtype=torch.bool, device=self.base.device)
 
     def _probs(self, mags: torch.Tensor) -> torch.Tensor:
-        """Keep probabilities for rows of magnitudes (R, C)."""
+        """Keep probabilities for rows of magnitudes (R, C): the probability ramp scattered to each
+        entry's rank. Magnitudes are sorted as their bit patterns (non-negative floats order like
+        their integer views; integer sorts are faster), ties in index order."""
         r, c = mags.shape
-        lo = self.density - self.epsilon
         if c == 1:
             return torch.full_like(mags, self.density)
-        idx = torch.sort(mags, dim=1, stable=True).indices
-        ranks = torch.empty_like(mags)
-        ranks.scatter_(1, idx, torch.arange(c, dtype=mags.dtype, device=mags.device).expand(r, c))
-        return ranks.mul_(2 * self.epsilon / (c - 1)).add_(lo)
+        keys = mags.contiguous().view(torch.int64 if mags.dtype == torch.float64 else torch.int32)
+        idx = torch.sort(keys, dim=1, stable=True).indices
+        ramp = torch.arange(c, dtype=mags.dtype, device=mags.device).mul_(2 * self.epsilon / (c - 1))
+        ramp.add_(self.density - self.epsilon)
+        return torch.empty_like(mags).scatter_(1, idx, ramp.expand(r, c))
 
     def _row(self, r: int) -> torch.Tensor:
         c = self.cols
@@ -127,6 +139,10 @@ class MagPrune:
             d.zero_()
             return
         n, c = d.numel(), self.cols
+        if self.replay:
+            assert self.mask is not None
+            d.mul_(self.mask[start:start + n])
+            return
         p = kernels.buffer("della_p", n, d.dtype, d.device)
         if self.full is not None:
             p.copy_(self.full[start:start + n])
@@ -146,19 +162,23 @@ class MagPrune:
                     pos = stop
         u = kernels.buffer("della_u", n, d.dtype, self.gen.device)
         u.uniform_(generator=self.gen)
-        keep = torch.lt(u.to(d.device), p, out=kernels.buffer("della_keep", n, d.dtype, d.device))
+        if self.mask is not None:
+            keep = torch.lt(u.to(d.device), p, out=self.mask[start:start + n])
+        else:
+            keep = torch.lt(u.to(d.device), p, out=kernels.buffer("della_keep", n, d.dtype, d.device))
         d.mul_(keep)
 
 
 def trims(x: TensorInputs) -> list[MagPrune]:
     base = kernels.require_base(x)
     gen, wd = dare_linear.generator(x), kernels.work_dtype(x.compute_dtype)
+    passes = 2 if x.params.get("rescale") else 1
     out = []
     for e, mp in zip(x.experts, x.model_params, strict=True):
         density, epsilon = float(mp["density"]), float(mp["epsilon"])
         if (why := epsilon_error(density, epsilon)) is not None:
             raise SpecError(f"{x.name}: {why}", param="epsilon")
-        out.append(MagPrune(density, epsilon, e, base, gen, wd))
+        out.append(MagPrune(density, epsilon, e, base, gen, wd, passes))
     return out
 
 

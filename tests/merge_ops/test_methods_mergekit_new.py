@@ -209,6 +209,18 @@ def test_della_matches_formula_given_its_uniforms(module: Any, consensus: bool, 
                                    rescale=True))
 
 
+def test_della_ranks_along_dimension_one_beyond_two_dimensions() -> None:
+    base, (expert,) = models((4, 30, 20), 1, torch.float32, seed=6)
+    out = della_linear.merge_tensor(inputs(base, [expert], [{"density": 0.5, "epsilon": 0.3}],
+                                           rescale=False, seed=4))
+    d = (expert - base).abs()
+    ranks = torch.sort(d, dim=1, stable=True).indices.argsort(dim=1).to(torch.float32)
+    probs = ranks * torch.tensor(0.6 / 29, dtype=torch.float32) + 0.2
+    u = torch.empty(d.numel(), dtype=torch.float32).uniform_(generator=torch.Generator().manual_seed(4))
+    mask = (u.view(d.shape) < probs).to(F64)
+    close(out, base.to(F64) + (expert.to(F64) - base.to(F64)) * mask)
+
+
 def test_della_keep_rate_rises_linearly_with_magnitude_rank(small_blocks: None) -> None:
     """Rows of 300 across blocks of 1000 (rows cut by block edges): per rank quintile, the kept share
     is density − ε + 2ε·(mean normalised rank)."""
