@@ -10,6 +10,7 @@ commits each model was built from, learned coefficients, metrics, the job id.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from datetime import UTC, datetime
@@ -53,11 +54,29 @@ def _inputs(spec: MergeSpec, base: ResolvedModel | None, experts: list[ResolvedM
     return rows
 
 
+def _calibration(spec: MergeSpec, files: dict[str, Path] | None) -> list[dict]:
+    """Each task's calibration data: the spec's reference and the SHA-256 of the bytes read."""
+    if spec.calibration is None or not files:
+        return []
+    rows = []
+    for task, path in files.items():
+        ref = spec.calibration.tasks.get(task)
+        digest = hashlib.sha256()
+        with Path(path).open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        rows.append({"task": task, "ref": scrub(str(ref.set_id or ref.raw)) if ref is not None else None,
+                     "sha256": digest.hexdigest()})
+    return rows
+
+
 def merge_facts(spec: MergeSpec, base: ResolvedModel | None, experts: list[ResolvedModel],
-                result: MethodResult, *, job_id: str | None = None, created_at: str | None = None) -> dict:
+                result: MethodResult, *, job_id: str | None = None, created_at: str | None = None,
+                calibration: dict[str, Path] | None = None) -> dict:
     """What alloy_merge.json holds (and the card shows)."""
     m = METHODS[spec.method]
     return {
+        "calibration": _calibration(spec, calibration),
         "alloy_version": alloy_version(),
         "method": spec.method,
         "method_kind": m.kind,
@@ -124,6 +143,10 @@ def render_card(facts: dict, spec: MergeSpec, out_dir: Path) -> str:
            _table(["role", "model", "revision", "commit"],
                   [[i["role"] if i["role"] == "base" else f"expert `{i['name']}`", i["repo"] or i["ref"],
                     i["revision"], f"`{i['commit']}`" if i["commit"] else None] for i in inputs]), ""]
+    if facts.get("calibration"):
+        out += ["## Calibration data", "",
+                _table(["task", "set", "sha256"], [[c["task"], c["ref"], f"`{c['sha256']}`"]
+                                                   for c in facts["calibration"]]), ""]
     arts = facts["artifacts"]
     if "coefficients_png" in arts or "coefficients" in arts:
         out += ["## Learned coefficients", ""]
@@ -147,9 +170,10 @@ def render_card(facts: dict, spec: MergeSpec, out_dir: Path) -> str:
 
 
 def write_card(out_dir: Path, spec: MergeSpec, base: ResolvedModel | None, experts: list[ResolvedModel],
-               result: MethodResult, *, job_id: str | None = None) -> None:
+               result: MethodResult, *, job_id: str | None = None,
+               calibration: dict[str, Path] | None = None) -> None:
     """Write README.md (model card) and alloy_merge.json into out_dir."""
     out_dir = Path(out_dir)
-    facts = merge_facts(spec, base, experts, result, job_id=job_id)
+    facts = merge_facts(spec, base, experts, result, job_id=job_id, calibration=calibration)
     (out_dir / FACTS_FILE).write_text(json.dumps(facts, indent=2, default=str) + "\n")
     (out_dir / CARD_FILE).write_text(render_card(facts, spec, out_dir))

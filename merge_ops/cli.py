@@ -37,6 +37,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("name", nargs="?", help="show only this method")
     ls.set_defaults(func=cmd_methods)
 
+    pl = sub.add_parser("plan", help="predict the peak memory of a learned merge (no weights are read)",
+                        description="Print the memory plan of the learned merge in SPEC: peak device and "
+                        "host memory from the base's shapes and dtypes, the number of experts, batch and "
+                        "sequence length (merge_ops/learned/plan.py).")
+    pl.add_argument("spec", help="YAML file: Alloy MergeSpec or mergekit config")
+    pl.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="compute device")
+    pl.add_argument("--mode", choices=("streamed", "in_memory"), default=None,
+                    help="learning mode (default: ALLOY_LEARNED_MODE or streamed)")
+    pl.set_defaults(func=cmd_plan)
+
 
 class _Bars:
     """The CLI's progress channel: one tqdm bar per stage; learned stages show the loss. Ctrl-C is
@@ -102,6 +112,32 @@ def cmd_merge(args: argparse.Namespace) -> int:
         ref = publish_result(outcome, spec, publisher)
         print(f"published {ref.repo}@{ref.revision} commit {ref.commit} {ref.url or ''}".rstrip())
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from merge_ops.errors import SpecError
+    from merge_ops.runner import ResolveOptions, resolve_inputs
+    from merge_ops.spec import load_spec
+
+    spec = load_spec(args.spec)
+    if spec.method_def().kind != "learned":
+        raise SpecError(f"{spec.method} is not a learned method: static merges stream one tensor at a time")
+    from merge_ops.context import JobContext
+    from merge_ops.learned import driver, plan
+    from merge_ops.memory import device_budget_mib
+    from merge_ops.methods import implementation
+
+    base, experts = resolve_inputs(spec, ResolveOptions())  # local folders as given; hub: headers + config
+    ctx = JobContext(spec=spec, base=base, experts=experts, out_dir=Path("."), device=args.device)
+    module = implementation(spec.method_def())
+    learns = module.learns(ctx.params) if hasattr(module, "learns") else None
+    p = driver.job_plan(ctx, ctx.params, args.mode or driver.learned_mode(), learns)
+    print(p.text())
+    budget = device_budget_mib(args.device)
+    why = plan.check_fits(p, budget)
+    print(f"  device budget        {'unknown' if budget is None else round(budget, 1)}"
+          f"{' MiB' if budget is not None else ''}: {'does not fit: ' + why if why else 'fits'}")
+    return 0 if why is None else 2
 
 
 def cmd_methods(args: argparse.Namespace) -> int:

@@ -47,3 +47,18 @@ def peak(device: Any = "cpu") -> dict[str, float]:
     if (cuda := _cuda(device)) is not None:
         out["peak_cuda_mib"] = cuda.max_memory_allocated() / 2**20
     return out
+
+
+def device_budget_mib(device: Any = "cpu") -> float | None:
+    """Memory a job may use on its device: ALLOY_MEMORY_BUDGET (e.g. 8GB) if set, else on CUDA the
+    free memory; None (not checked) on CPU without a budget."""
+    import os
+
+    if v := os.environ.get("ALLOY_MEMORY_BUDGET"):
+        from merge_ops.spec import parse_size
+
+        return parse_size(v) / 2**20
+    if (cuda := _cuda(device)) is not None:
+        free, _ = cuda.mem_get_info()
+        return free / 2**20
+    return None

@@ -90,7 +90,7 @@ def run_merge(
         result = run_method(ctx)
         ctx.report("write", 0, 1)
         result.metrics.setdefault("seconds", round(time.perf_counter() - t0, 3))
-        write_card(tmp, spec, base, experts, result, job_id=job_id)
+        write_card(tmp, spec, base, experts, result, job_id=job_id, calibration=cal)
         ctx.report("write", 1, 1)
         if out_dir.exists():
             out_dir.rmdir()

@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from jobs.queue import EnqueueFn, producer, send, warm_up
 from jobs.settings import Settings, get_settings
 from jobs.store import Store
-from service import errors, routes_calibration, routes_jobs, routes_methods, routes_schedules
+from service import errors, routes_calibration, routes_jobs, routes_methods, routes_schedules, spec_schema
 from service.limits import BodyLimit
 from service.metrics import LatencyMiddleware, make_registry
 
@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None, *, enqueue: EnqueueFn | None = 
     app.include_router(routes_calibration.router)
     app.include_router(routes_schedules.router)
     app.include_router(routes_methods.router)
+    spec_schema.install(app)  # POST /v1/jobs documented per method (validation stays MergeSpec)
 
     @app.get("/healthz", tags=["health"], summary="The process is up")
     def healthz() -> dict[str, str]:

@@ -17,6 +17,7 @@ that get task vectors; default: every tensor the architecture reads).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -27,7 +28,8 @@ import torch
 from merge_ops import memory
 from merge_ops.checkpoint import TORCH_DTYPES
 from merge_ops.context import JobContext, MethodResult
-from merge_ops.errors import SpecError
+from merge_ops.errors import InputError, SpecError
+from merge_ops.learned import plan as plan_mod
 from merge_ops.learned.adapters import Adapter, EncoderClassifier, build_adapter
 from merge_ops.learned.batches import BatchSampler, IndexSampler, load_calibration
 from merge_ops.learned.engine import FitResult, MergeEngine, MergeInputs, Step, fit, load_merge_inputs
@@ -59,7 +61,14 @@ class Session:
     total_steps: int  # of every stage together, for the progress bar
     fits: list[FitResult] = field(default_factory=list)
     cache: TeacherCache | None = None
+    mode: str = "streamed"  # "streamed" (streaming.py) or "in_memory"
     _learning: dict[str, Any] = field(default_factory=dict)
+
+    def configure(self, engine: MergeEngine) -> MergeEngine:
+        """Apply the session's learning mode to a freshly built engine (every stage's)."""
+        if self.mode == "streamed":
+            engine.stream(self.adapter)
+        return engine
 
     @property
     def device(self) -> str:
@@ -109,6 +118,10 @@ def run(ctx: JobContext, method: ModuleType) -> MethodResult:
     names = spec.expert_names()
     dtype = TORCH_DTYPES[spec.dtype]
     torch.manual_seed(spec.seed)
+    mode = learned_mode()
+    mem_plan = job_plan(ctx, params, mode, learns)
+    if (why := plan_mod.check_fits(mem_plan, memory.device_budget_mib(ctx.device))) is not None:
+        raise InputError(why)
     memory.reset_peak(ctx.device)
     adapter = build_adapter(ctx.base.path, dtype, ctx.device)
     inputs = load_merge_inputs(ctx.base.path, [e.path for e in ctx.experts], names,
@@ -124,7 +137,7 @@ def run(ctx: JobContext, method: ModuleType) -> MethodResult:
     samples = load_calibration(ctx.calibration, names, tokenizer_dir=ctx.base.path,
                                max_length=cal.max_length if cal else 64,
                                samples_per_task=cal.samples_per_task if cal else None, seed=spec.seed)
-    s = Session(ctx, params, names, dtype, adapter, inputs, samples, total_steps)
+    s = Session(ctx, params, names, dtype, adapter, inputs, samples, total_steps, mode=mode)
     trained = method.learn(s)
     learn_peak = memory.peak(ctx.device)
 
@@ -136,8 +149,29 @@ def run(ctx: JobContext, method: ModuleType) -> MethodResult:
                               meta={"method": spec.method, **trained.meta, "steps": sum(f.steps for f in s.fits)})
     ctx.report("write", 1, 1)
     metrics = {**_metrics(s, engine, learn_peak), **trained.metrics,
-               "variant": trained.variant}
+               "variant": trained.variant, "learned_mode": s.mode, "memory_plan": mem_plan.to_dict()}
     return MethodResult(metrics=metrics, artifacts={**trained.artifacts, **artifacts})
+
+
+def job_plan(ctx: JobContext, params: dict[str, Any], mode: str, learns: Any = None) -> plan_mod.MemoryPlan:
+    """The memory plan of a learned job from its spec and the base's headers (no weights read)."""
+    spec = ctx.spec
+    assert ctx.base is not None
+    cal = spec.calibration
+    k = len(spec.experts)
+    teacher = (cal.samples_per_task or 0) * k if cal and spec.method == "expert_merging" else 0
+    return plan_mod.plan_memory(ctx.base.path, k=k, batch=int(params.get("batch_size", 1)),
+                                seq_len=cal.max_length if cal else 64, mode=mode, compute_dtype=spec.dtype,
+                                learned=learns, teacher_samples=teacher,
+                                device=str(torch.device(ctx.device).type))
+
+
+def learned_mode() -> str:
+    """ALLOY_LEARNED_MODE=in_memory restores the all-at-once engine (default: streamed)."""
+    mode = os.environ.get("ALLOY_LEARNED_MODE", "streamed")
+    if mode not in ("streamed", "in_memory"):
+        raise SpecError(f"ALLOY_LEARNED_MODE={mode!r}: use streamed or in_memory")
+    return mode
 
 
 def _mib(ts) -> float:

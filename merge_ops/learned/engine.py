@@ -26,6 +26,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +36,10 @@ from merge_ops import memory
 from merge_ops.checkpoint import CheckpointReader
 from merge_ops.context import Channel, check_cancel, report
 from merge_ops.errors import CheckpointError, MergeFailed, SpecError
+from merge_ops.learned import distributed
 from merge_ops.learned.coefficients import Coefficients
 from merge_ops.learned.groups import ParamGroups
+from merge_ops.learned.streaming import BlockStreamer, streamer_for
 
 PARAMETERISATIONS = ("clamp", "sigmoid", "none")
 
@@ -164,14 +167,24 @@ class MergeEngine(torch.nn.Module):
             raw0 = init_t
         self.raw = torch.nn.Parameter(raw0.repeat(groups.n_groups, 1).clone())
         self.register_buffer("fixed", _per_expert(init if fixed is None else fixed, k, "fixed"))
+        self.streamer: BlockStreamer | None = None
+
+    def stream(self, adapter: object) -> MergeEngine:
+        """Block-streamed learning (streaming.py) on this adapter's module: each block's merged
+        weights are built inside its (checkpointed) forward, never all at once."""
+        self.streamer = streamer_for(adapter)
+        return self
 
     def coefficients(self) -> torch.Tensor:
         """Effective table [groups, K]: clamped to [0, 1], squashed by a sigmoid, or raw ("none")."""
+        return self.coefficients_of(self.raw)
+
+    def coefficients_of(self, raw: torch.Tensor) -> torch.Tensor:
         if self.parameterisation == "sigmoid":
-            return torch.sigmoid(self.raw)
+            return torch.sigmoid(raw)
         if self.parameterisation == "clamp":
-            return self.raw.clamp(0.0, 1.0)
-        return self.raw
+            return raw.clamp(0.0, 1.0)
+        return raw
 
     def merged_tensor(self, name: str, coeffs: torch.Tensor | None = None) -> torch.Tensor:
         base = self.inputs.base[name]
@@ -193,9 +206,12 @@ class MergeEngine(torch.nn.Module):
         return base + delta.view(base.shape)
 
     def merged_params(self) -> dict[str, torch.Tensor]:
-        """Every floating base tensor, merged ones as differentiable functions of the table."""
+        """Every floating base tensor, merged ones as differentiable functions of the table. Streamed:
+        a block's tensors are the base's here (its wrapper merges them inside the block's forward)."""
         c = self.coefficients()
-        return {n: self.merged_tensor(n, c) for n in self.inputs.base}
+        st = self.streamer
+        return {n: b if st is not None and st.streamed(n) else self.merged_tensor(n, c)
+                for n, b in self.inputs.base.items()}
 
     def expert_params(self, k: int) -> dict[str, torch.Tensor]:
         """Expert k's own weights θ₀ + τ_k (no gradient): a teacher without a second model."""
@@ -242,9 +258,20 @@ class Step:
     def __init__(self, engine: MergeEngine):
         self.engine = engine
         self._merged = engine.merged_params()
-        tvs = engine.inputs.task_vectors
-        self.params = {n: (t.detach().requires_grad_(True) if n in tvs else t) for n, t in self._merged.items()}
+        self.params = {n: (t.detach().requires_grad_(True) if t.requires_grad else t)
+                       for n, t in self._merged.items()}
         self.total = 0.0
+        self.rank, self.world = distributed.rank_world()
+
+    def owns(self, k: int) -> bool:
+        """Whether this rank computes task k's term (data parallel: tasks are dealt round-robin over
+        the ranks and the table's gradient is summed; one process owns every task)."""
+        return k % self.world == self.rank
+
+    @property
+    def lead(self) -> bool:
+        """Rank 0: computes the terms counted once (a regulariser on the table)."""
+        return self.rank == 0
 
     def backward(self, term: torch.Tensor) -> None:
         if not torch.isfinite(term):
@@ -277,8 +304,10 @@ def fit(engine: MergeEngine, loss_fn: Callable[[int, Step], None], *, steps: int
         check_cancel(channel)
         optimizer.zero_grad(set_to_none=True)
         s = Step(engine)
-        loss_fn(step, s)
-        s.finish()
+        with engine.streamer.using(engine) if engine.streamer is not None else nullcontext():
+            loss_fn(step, s)
+            s.finish()
+        s.total = distributed.reduce_grad(engine.raw, s.total)
         if clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(engine.parameters(), clip_grad)
         optimizer.step()

@@ -90,6 +90,7 @@ def learn(s: Session) -> Trained:
     groups = ParamGroups(inputs.merged_shapes(), str(p["granularity"]))
     engine = MergeEngine(inputs, groups, init=float(p["init"]),
                          parameterisation="clamp" if p["clamp"] else "none").to(s.device)
+    s.configure(engine)
     sampler = s.batches(int(p["batch_size"]))
     normalize, diversity = bool(p["normalize_entropy"]), p["diversity"]
     if diversity is None:  # auto: the guard is for classifier heads
@@ -100,8 +101,11 @@ def learn(s: Session) -> Trained:
     counts = {n: torch.zeros(0) for n in names}
 
     def loss_fn(step: int, st: Step) -> None:
-        for task in names:
-            logits = s.adapter.forward(st.params, inputs.heads[task], sampler.next(task).to(s.device)).logits
+        for k, task in enumerate(names):
+            batch = sampler.next(task)  # drawn on every rank: the batch streams stay those of one process
+            if not st.owns(k):
+                continue
+            logits = s.adapter.forward(st.params, inputs.heads[task], batch.to(s.device)).logits
             st.backward(entropy_loss(logits, normalize=normalize, diversity=diversity))
             if step >= steps - window:  # collapse monitor over the last tenth of the steps
                 c = torch.bincount(logits.detach().argmax(-1).cpu(), minlength=logits.shape[-1]).float()

@@ -166,7 +166,10 @@ class Objective:
         experts = e.inputs.experts
         parts = {"logit": 0.0, "hidden": 0.0}
         for k, task in enumerate(experts):
-            batch, tgt = self.cache.batch(task, self.sampler.next(task), self.device)
+            idx = self.sampler.next(task)  # drawn on every rank: the streams stay those of one process
+            if not s.owns(k):
+                continue
+            batch, tgt = self.cache.batch(task, idx, self.device)
             out = self.adapter.forward(s.params, e.inputs.heads.get(task, {}), batch, layers=self.cache.layers)
             lg, hd = alignment_loss(out, tgt, temperature=self.temperature,
                                     hidden_weight=self.hidden_weight)
@@ -176,7 +179,8 @@ class Objective:
             del out, lg, hd
         reg = regulariser(e.coefficients(), self.alpha0)
         self.last = {**parts, "reg": float(reg.detach())}
-        s.backward(self.gamma * reg)
+        if s.lead:
+            s.backward(self.gamma * reg)
 
 
 # -- the method -----------------------------------------------------------------------------------
@@ -279,6 +283,7 @@ def learn(s: Session) -> Trained:
 
     engine = MergeEngine(inputs, ParamGroups(inputs.merged_shapes(), "layer"), init=alpha0,
                          parameterisation="sigmoid").to(s.device)
+    s.configure(engine)
     obj = objective(engine)
     optimise(engine, obj)
     chunked = bool(p["chunked"])
@@ -294,6 +299,7 @@ def learn(s: Session) -> Trained:
                             "tensors): raise it", param="parameters.chunk_budget")
         layerwise = engine.table()
         engine = stage_two(inputs, engine, plan, alpha0=alpha0, warm=bool(p["warm_start"])).to(s.device)
+        s.configure(engine)
         obj = objective(engine)
         # a warm stage 2 refines a finished model: a fresh AdamW at the full lr would first move every
         # coefficient by ~lr in logit space, away from the stage-1 optimum
