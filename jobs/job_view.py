@@ -34,7 +34,9 @@ class Delivery(BaseModel):
     created_at: datetime
 
 
-class JobOut(BaseModel):
+class JobSummary(BaseModel):
+    """A job in a list: everything but its spec and deliveries (GET /v1/jobs/{id} has them)."""
+
     id: str
     object: Literal["job"] = "job"
     state: JobState
@@ -50,20 +52,32 @@ class JobOut(BaseModel):
     finished_at: datetime | None
     result: dict[str, Any] | None = Field(None, description="published {repo, branch, commit, url}, metrics")
     error: ErrorInfo | None
-    spec: dict[str, Any]
     source: str
     webhook_state: str | None = None
+
+
+class JobOut(JobSummary):
+    spec: dict[str, Any]
     webhook_deliveries: list[Delivery] | None = None
 
 
-def job_out(job: Job, deliveries: list[WebhookDelivery] | None = None) -> JobOut:
+def _fields(job: Job) -> dict[str, Any]:
     err = ErrorInfo(code=job.error_code, message=job.error_message or "") if job.error_code else None
-    return JobOut(
+    return dict(
         id=job.id, state=job.state, stage=job.stage, method=job.method, queue=job.queue,
         progress=Progress(step=job.progress_step, total=job.progress_total, loss=job.progress_loss),
         attempts=job.attempts, max_attempts=job.max_attempts, cancel_requested=job.cancel_requested,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-        result=job.result, error=err, spec=job.spec, source=job.source, webhook_state=job.webhook_state,
+        result=job.result, error=err, source=job.source, webhook_state=job.webhook_state)
+
+
+def job_summary(job: Job) -> JobSummary:
+    return JobSummary(**_fields(job))
+
+
+def job_out(job: Job, deliveries: list[WebhookDelivery] | None = None) -> JobOut:
+    return JobOut(
+        **_fields(job), spec=job.spec,
         webhook_deliveries=None if deliveries is None else [
             Delivery(webhook_id=d.webhook_id, attempt=d.attempt, status_code=d.status_code, error=d.error,
                      created_at=d.created_at) for d in deliveries],

@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 
 from jobs.admission import check_admission
-from jobs.job_view import JobOut, job_out
+from jobs.job_view import JobOut, job_out, job_summary
 from jobs.models import Job
 from jobs.queue import queue_for, wake
 from jobs.settings import Settings
@@ -22,7 +22,7 @@ from jobs.store import IdempotencyConflict, NotCancellable, NotDeletable, Store
 from merge_ops.spec import MergeSpec
 from service.auth import Principal, Reader, Writer
 from service.errors import ApiError
-from service.schemas import JobList, Problem, job_summary
+from service.schemas import JobList, Problem
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 MAX_EVENT_ID = 2**63 - 1  # event ids are BIGINT

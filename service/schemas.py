@@ -3,35 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel
 
-from jobs.job_view import ErrorInfo, Progress, job_out
-from jobs.models import CalibrationSet, Job
-from jobs.states import JobState
-
-
-class JobSummary(BaseModel):
-    """A job in a list: everything but its spec (GET /v1/jobs/{id} has it), so pages stay small."""
-
-    id: str
-    object: Literal["job"] = "job"
-    state: JobState
-    stage: str | None
-    method: str
-    queue: str
-    progress: Progress
-    attempts: int
-    max_attempts: int
-    cancel_requested: bool
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    result: dict[str, Any] | None
-    error: ErrorInfo | None
-    source: str
-    webhook_state: str | None = None
+from jobs.job_view import ErrorInfo, JobSummary
+from jobs.models import CalibrationSet
 
 
 class JobList(BaseModel):
@@ -62,10 +39,6 @@ class Problem(BaseModel):
     """Every error body: a stable code and a message that says what to fix."""
 
     error: ErrorInfo
-
-
-def job_summary(job: Job) -> JobSummary:
-    return JobSummary(**job_out(job).model_dump(exclude={"spec", "webhook_deliveries"}))
 
 
 def calibration_out(cs: CalibrationSet) -> CalibrationSetOut:
