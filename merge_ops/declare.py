@@ -13,6 +13,7 @@ beyond that a merge only overflows), so a spec that passes never fails on a para
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -29,6 +30,15 @@ MAX_LIST = 256  # entries of a per-layer gradient or of a filter list
 MAX_FILTER = 256  # characters of a filter
 MAX_STEPS = 100_000  # optimizer steps of a learned method: a bound on one job's work
 
+
+
+def regex_problem(value: str) -> str | None:
+    """A `check` for regex-valued parameters: why `value` does not compile, or None."""
+    try:
+        re.compile(value)
+    except re.error as e:
+        return f"{value!r} is not a regex: {e}"
+    return None
 
 @dataclass(frozen=True)
 class Param:

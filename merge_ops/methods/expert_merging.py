@@ -41,7 +41,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from merge_ops.declare import MethodDef, Param, learn_params
+from merge_ops.declare import MethodDef, Param, learn_params, regex_problem
 from merge_ops.errors import SpecError
 from merge_ops.lazy import lazy
 
@@ -55,14 +55,6 @@ if TYPE_CHECKING:
 torch = lazy("torch")
 F = lazy("torch.nn.functional")
 PLAN_PNG = "chunk_plan.png"
-
-
-def _regex(value: str) -> str | None:
-    try:
-        re.compile(value)
-    except re.error as e:
-        return f"{value!r} is not a regex: {e}"
-    return None
 
 
 def _layers_syntax(value: str) -> str | None:
@@ -96,7 +88,7 @@ METHOD = MethodDef(
               type=int, min=1),
         Param("clip_grad", 1.0, "gradient norm clip (0 = off)", min=0.0),
         Param("exclude", "(?i)(norm|embed|bias|lm_head)", "regex (searched) of tensors that keep the "
-              "base values; task-specific heads are never merged", type=str, check=_regex),
+              "base values; task-specific heads are never merged", type=str, check=regex_problem),
         Param("chunk_budget", 2.0, "Expert Merging++ total chunks B as a multiple of the number of "
               "merged tensors", min=0.0),
         Param("kappa", 1.0, "Expert Merging++ concentration: 0 = uniform chunks", min=0.0),

@@ -59,14 +59,4 @@ def iso(taus: Iterable[torch.Tensor]) -> torch.Tensor:
 
 
 def merge_tensor(x: TensorInputs) -> torch.Tensor:
-    from merge_ops.static.kernels import require_base
-
-    base = require_base(x)
-    x = x.with_defaults(METHOD)
-    b = base.to(spectral.work_dtype(x))
-    scale = float(x.params["alpha"])
-    if not spectral.is_matrix(x, x.params["exclude"]):
-        return spectral.finish(x, b, spectral.mean_task_vector(x, b), scale)
-    with spectral.matrix_threads():
-        delta = iso(spectral.task_vector(x, t, b) for t in range(len(x.experts)))
-    return spectral.finish(x, b, delta, scale)
+    return spectral.merge_matrices(x, METHOD, lambda x, tau, n: iso(tau(t) for t in range(n)))

@@ -93,15 +93,5 @@ def iso_cts(task_vector: Callable[[int], torch.Tensor], n_tasks: int, fraction: 
 
 
 def merge_tensor(x: TensorInputs) -> torch.Tensor:
-    from merge_ops.static.kernels import require_base
-
-    base = require_base(x)
-    x = x.with_defaults(METHOD)
-    b = base.to(spectral.work_dtype(x))
-    scale = float(x.params["alpha"])
-    if not spectral.is_matrix(x, x.params["exclude"]):
-        return spectral.finish(x, b, spectral.mean_task_vector(x, b), scale)
-    with spectral.matrix_threads():
-        delta = iso_cts(lambda t: spectral.task_vector(x, t, b), len(x.experts),
-                        float(x.params["common_space_fraction"]))
-    return spectral.finish(x, b, delta, scale)
+    return spectral.merge_matrices(
+        x, METHOD, lambda x, tau, n: iso_cts(tau, n, float(x.params["common_space_fraction"])))

@@ -70,15 +70,5 @@ def tsv(taus: Iterable[torch.Tensor], n_tasks: int) -> torch.Tensor:
 
 
 def merge_tensor(x: TensorInputs) -> torch.Tensor:
-    from merge_ops.static.kernels import require_base
-
-    base = require_base(x)
-    x = x.with_defaults(METHOD)
-    b = base.to(spectral.work_dtype(x))
-    scale = float(x.params["alpha"])
-    n_tasks = len(x.experts)
-    if not spectral.is_matrix(x, x.params["exclude"]) or min(base.shape) < n_tasks:
-        return spectral.finish(x, b, spectral.mean_task_vector(x, b), scale)
-    with spectral.matrix_threads():
-        delta = tsv((spectral.task_vector(x, t, b) for t in range(n_tasks)), n_tasks)
-    return spectral.finish(x, b, delta, scale)
+    return spectral.merge_matrices(x, METHOD, lambda x, tau, n: tsv((tau(t) for t in range(n)), n),
+                                   min_side=lambda n: n)

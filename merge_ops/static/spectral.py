@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from merge_ops.declare import Param
+from merge_ops.declare import MethodDef, Param, regex_problem
 from merge_ops.lazy import lazy
 
 if TYPE_CHECKING:
@@ -39,17 +39,9 @@ if TYPE_CHECKING:
 torch = lazy("torch")
 
 
-def _regex(value: str) -> str | None:
-    try:
-        re.compile(value)
-    except re.error as e:
-        return f"{value!r} is not a regex: {e}"
-    return None
-
-
 EXCLUDE = Param("exclude", None, "regex (searched in tensor names) of 2-D tensors that get the method's fallback "
                 "instead of the matrix treatment; null = none (every 2-D tensor, the papers' rule)",
-                type=str, nullable=True, check=_regex)
+                type=str, nullable=True, check=regex_problem)
 
 
 def alpha(default: float, source: str) -> Param:
@@ -87,6 +79,25 @@ def mean_task_vector(x: TensorInputs, base: torch.Tensor) -> torch.Tensor:
 def finish(x: TensorInputs, base: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
     """θ₀ + scale·δ in the output dtype."""
     return base.add(delta, alpha=scale).to(x.out_dtype)
+
+
+def merge_matrices(x: TensorInputs, method: MethodDef,
+                   solve: Callable[[TensorInputs, Callable[[int], torch.Tensor], int], torch.Tensor], *,
+                   min_side: Callable[[int], int] = lambda n_tasks: 1) -> torch.Tensor:
+    """The skeleton the SVD methods share: θ₀ + α·δ, where 2-D tensors (not excluded, smaller side at
+    least `min_side(T)`) get δ = `solve(x, τ, T)` with τ(t) the t-th task vector, and every other
+    tensor the mean task vector."""
+    from merge_ops.static.kernels import require_base
+
+    base = require_base(x)
+    x = x.with_defaults(method)
+    b = base.to(work_dtype(x))
+    scale, n_tasks = float(x.params["alpha"]), len(x.experts)
+    if not is_matrix(x, x.params["exclude"]) or min(base.shape) < min_side(n_tasks):
+        return finish(x, b, mean_task_vector(x, b), scale)
+    with matrix_threads():
+        delta = solve(x, lambda t: task_vector(x, t, b), n_tasks)
+    return finish(x, b, delta, scale)
 
 
 @contextmanager
