@@ -140,10 +140,12 @@ def changes(prev: list[dict[str, Any]] | None, inputs: list[dict[str, Any]]) -> 
              "to": i["commit"]} for i in inputs if before.get(i["ref"]) != i["commit"]]
 
 
-def pin(spec: dict[str, Any], inputs: list[dict[str, Any]], tag: str | None) -> dict[str, Any]:
+def pin(spec: dict[str, Any], inputs: list[dict[str, Any]], tag: str | None,
+        model: MergeSpec | None = None) -> dict[str, Any]:
     """The job's spec: hub refs rewritten to org/name@<commit> (the job merges exactly what was
     polled, even if a branch moves meanwhile) and the run's tag on the publish target.
-    Local folders stay as they are (their "commit" is a content fingerprint)."""
+    Local folders stay as they are (their "commit" is a content fingerprint). `model`: `spec` already
+    parsed (the scheduler parses a schedule's spec once per evaluation)."""
     commits = {i["ref"]: i["commit"] for i in inputs}
     out = json.loads(json.dumps(spec))
 
@@ -153,7 +155,7 @@ def pin(spec: dict[str, Any], inputs: list[dict[str, Any]], tag: str | None) -> 
 
     if out.get("base"):
         out["base"] = pinned(out["base"])
-    names = MergeSpec.model_validate(spec).expert_names()
+    names = (model or MergeSpec.model_validate(spec)).expert_names()
     for e, name in zip(out["experts"], names, strict=True):
         e["name"] = name  # the task name the template implied stays, whatever the pinned ref looks like
         e["model"] = pinned(e["model"])

@@ -233,8 +233,9 @@ class Scheduler:
                 reason = f"cron ({count - 1} earlier due time(s) skipped: catch_up is `skip`)"
             else:
                 reason = f"catch-up: {what}; catch_up `once` runs the latest"
+        template = MergeSpec.model_validate(sch.spec)  # parsed once per evaluation
         try:
-            inputs = self._read_inputs(sch)
+            inputs = self._read_inputs(sch, template)
         except AlloyError as e:
             return self._record(sch, key, due, "failed", f"could not read the inputs' commits: "
                                 f"{self._hint(e.message)}", []), nxt
@@ -244,12 +245,14 @@ class Scheduler:
             why = (f"inputs unchanged since run {run.n} (job {run.job_id}, {state or 'pending'}): "
                    "nothing new to publish")
             return self._record(sch, key, due, "skipped", why, [], inputs=inputs), nxt
-        return self._submit(sch, inputs, due, reason, key, changes(prev[0].inputs if prev else None, inputs)), nxt
+        return self._submit(sch, inputs, due, reason, key, changes(prev[0].inputs if prev else None, inputs),
+                            template), nxt
 
     def _revision(self, sch: Schedule, trig: RevisionTrigger, t: datetime) -> tuple[Outcome, datetime]:
         nxt = t + timedelta(seconds=trig.poll_seconds)
+        template = MergeSpec.model_validate(sch.spec)  # parsed once per evaluation
         try:
-            inputs = self._read_inputs(sch)
+            inputs = self._read_inputs(sch, template)
         except AlloyError as e:  # the hub is down or refuses: keep polling, show why on the schedule
             return Outcome(sch.id, "error", detail=f"could not read the inputs' commits: {self._hint(e.message)}"), nxt
         prev = self.schedules.last_submitted(sch.id)
@@ -259,19 +262,20 @@ class Scheduler:
         reason = "first run" if prev is None else "new revision: " + ", ".join(
             f"{c['name']} {short(c['from'])} -> {short(c['to'])}" for c in moved)
         key = f"inputs:{inputs_key(inputs)}:after:{sch.run_count}"
-        return self._submit(sch, inputs, t, reason, key, moved), nxt
+        return self._submit(sch, inputs, t, reason, key, moved, template), nxt
 
     def _run_now(self, sch: Schedule, requested: datetime) -> Outcome:
         """POST /v1/schedules/{id}/run: one run now, even if no input moved (recorded like any run)."""
         key = f"manual:{requested.isoformat()}:after:{sch.run_count}"
+        template = MergeSpec.model_validate(sch.spec)  # parsed once per evaluation
         try:
-            inputs = self._read_inputs(sch)
+            inputs = self._read_inputs(sch, template)
         except AlloyError as e:
             return self._record(sch, key, requested, "failed", f"run now: could not read the inputs' commits: "
                                 f"{self._hint(e.message)}", [])
         prev = self.schedules.last_submitted(sch.id)
         return self._submit(sch, inputs, requested, f"run now (requested {requested.isoformat()})", key,
-                            changes(prev[0].inputs if prev else None, inputs))
+                            changes(prev[0].inputs if prev else None, inputs), template)
 
     @staticmethod
     def _hint(message: str) -> str:
@@ -279,8 +283,7 @@ class Scheduler:
         return message.replace("(HF_TOKEN)", "(ALLOY_HUB_TOKENS, per tenant)").replace(
             "HF_TOKEN", "ALLOY_HUB_TOKENS").replace("HF_ENDPOINT", "ALLOY_HUB_ENDPOINT")
 
-    def _read_inputs(self, sch: Schedule) -> list[dict[str, Any]]:
-        spec = MergeSpec.model_validate(sch.spec)
+    def _read_inputs(self, sch: Schedule, spec: MergeSpec) -> list[dict[str, Any]]:
         return [{**row, "commit": self.heads(row["ref"], sch.tenant)} for row in input_refs(spec)]
 
     # -- recording --------------------------------------------------------------------------------
@@ -310,13 +313,13 @@ class Scheduler:
         return free, "" if free == tag else f"; tag {tag!r} exists on {publish['repo']}, using {free!r}"
 
     def _submit(self, sch: Schedule, inputs: list[dict[str, Any]], due: datetime, reason: str, key: str,
-                moved: list[dict[str, Any]]) -> Outcome:
+                moved: list[dict[str, Any]], template: MergeSpec) -> Outcome:
         n = sch.run_count + 1
         try:
             tag, note = self._tag(sch, n, due)
         except AlloyError as e:
             return self._record(sch, key, due, "failed", e.message, moved, inputs=inputs)
-        return self._create(sch, pin(sch.spec, inputs, tag), n=n, key=key, due=due, reason=reason + note,
+        return self._create(sch, pin(sch.spec, inputs, tag, template), n=n, key=key, due=due, reason=reason + note,
                             inputs=inputs, moved=moved, tag=tag)
 
     def _create(self, sch: Schedule, pinned: dict[str, Any], *, n: int, key: str, due: datetime, reason: str,
@@ -335,7 +338,7 @@ class Scheduler:
             spec=spec.model_dump(mode="json"), tag=tag, scheduler=self.owner, **extra))
         if run is None:
             return Outcome(sch.id, "unchanged", detail=f"run {n} recorded by another scheduler")
-        return self._finish_pending(run, sch.tenant)
+        return self._finish_pending(run, sch.tenant, spec)
 
     # -- outcomes and retries ---------------------------------------------------------------------
     def _settle(self, run: ScheduleRun, job: Any, t: datetime) -> Outcome:
@@ -369,9 +372,10 @@ class Scheduler:
             self.schedules.clear_retry(run.id)  # done (by us or by another scheduler)
         return outcome
 
-    def _finish_pending(self, run: ScheduleRun, tenant: str) -> Outcome:
-        """Create (or find) the run's job and wake a worker; safe to repeat."""
-        spec = MergeSpec.model_validate(run.spec)
+    def _finish_pending(self, run: ScheduleRun, tenant: str, spec: MergeSpec | None = None) -> Outcome:
+        """Create (or find) the run's job and wake a worker; safe to repeat. `spec`: run.spec parsed
+        (a run just recorded passes the model it validated; a left-over pending run is parsed here)."""
+        spec = spec or MergeSpec.model_validate(run.spec)
         queue = queue_for(spec.method_def(), self.settings)
         job, _ = self.store.create_job(tenant=tenant, spec=run.spec, method=spec.method, queue=queue,
                                        unique_key=job_key(run.schedule_id, run.n), source="schedule",

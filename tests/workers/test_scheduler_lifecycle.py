@@ -209,3 +209,29 @@ def test_a_missing_input_repo_names_the_settings_the_service_reads(store, settin
     err = sched(store, sid).last_error
     assert "hub repo 'org/e1' not found" in err and "ALLOY_HUB_TOKENS" in err and "HF_TOKEN" not in err
     assert runs(store, sid) == []
+
+
+def test_a_run_parses_the_schedule_spec_once_and_the_pinned_spec_once(store, settings, monkeypatch):
+    """Issue #13 leftover: the template is parsed once per evaluation (not again to pin, nor again to
+    create the job); the pinned spec once (the admission check needs the model)."""
+    import jobs.triggers
+    import workers.scheduler
+    from merge_ops.spec import MergeSpec
+
+    parsed: list[dict] = []
+
+    class Counting(MergeSpec):
+        @classmethod
+        def model_validate(cls, obj, *args, **kwargs):
+            parsed.append(obj)
+            return MergeSpec.model_validate(obj, *args, **kwargs)
+
+    monkeypatch.setattr(workers.scheduler, "MergeSpec", Counting)
+    monkeypatch.setattr(jobs.triggers, "MergeSpec", Counting)
+    sid = add(store, {"type": "on_new_revision", "poll_seconds": 60}, tag_template="run-{n}").id
+    s = scheduler(store, settings, Heads())
+    [outcome] = [o for o in s.tick() if o.schedule_id == sid]
+    assert outcome.status == "submitted"
+    template = sched(store, sid).spec
+    assert parsed.count(template) == 1 and len(parsed) == 2  # the template, then the pinned spec
+    assert parsed[1]["experts"][0]["model"] == "org/e1@" + "1" * 40
