@@ -135,6 +135,8 @@ def check_admission(spec: MergeSpec, tenant: str, store: Store, settings: Settin
             check_calibration(spec, files)
         except CalibrationError as e:
             raise AdmissionError(e.message) from None
+    if spec.evaluate is not None:
+        _check_evaluation_sets(spec, tenant, store)
     if spec.notify is not None:
         why = url_problem(spec.notify.url, settings.webhook_allow)
         if settings.webhook_secret is None:
@@ -143,3 +145,20 @@ def check_admission(spec: MergeSpec, tenant: str, store: Store, settings: Settin
             raise AdmissionError(why)
     if (why := publish_problem(spec, tenant, settings, admin=admin)) is not None:
         raise AdmissionError(why, param="publish.repo")
+
+
+def _check_evaluation_sets(spec: MergeSpec, tenant: str, store: Store) -> None:
+    """Evaluation sets are uploaded sets (POST /v1/calibration-sets?purpose=evaluation), read and
+    checked here; a file path names the server's disk and is never read."""
+    from merge_ops.evaluation import EvalSetError, parse_eval_set
+
+    assert spec.evaluate is not None
+    for name, s in spec.evaluate.set_specs().items():
+        cs = store.get_calibration_set(s.set, tenant) if s.set.startswith("cal_") else None
+        if cs is None:
+            raise AdmissionError(f"evaluate.sets.{name}: no evaluation set {s.set!r}; upload one with "
+                                 "POST /v1/calibration-sets?purpose=evaluation and use its id")
+        try:
+            parse_eval_set(Path(cs.path).read_bytes(), kind=s.kind, source=s.set)  # messages name the id
+        except EvalSetError as e:
+            raise AdmissionError(f"evaluate.sets.{name}: {e.message}") from None

@@ -280,6 +280,8 @@ class Store:
                 data: dict[str, Any] = {"state": state}
                 if error_code:
                     data["error"] = {"code": error_code, "message": error_message}
+                if result and result.get("evaluation"):  # the evaluate stage's results and gate table
+                    data["evaluation"] = result["evaluation"]
                 s.add(JobEvent(job_id=job_id, type="state", data=data, created_at=t))
             return n == 1
 

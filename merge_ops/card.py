@@ -134,6 +134,14 @@ def render_card(facts: dict, spec: MergeSpec, out_dir: Path) -> str:
     meta = {"base_model": [i["repo"] or i["name"] for i in inputs], "base_model_relation": "merge",
             "tags": ["merge", "alloy", spec.method], "library_name": "transformers"}
     title = spec.name or (spec.publish.repo.split("/")[-1] if spec.publish else f"{spec.method} merge")
+    ev_results = None
+    if facts.get("evaluation"):
+        from merge_ops.evaluation import EvalResult, model_index
+
+        ev_results = EvalResult.from_dict(facts["evaluation"]["results"])
+        index = model_index(ev_results, spec.publish.repo if spec.publish else title)
+        if index:
+            meta["model-index"] = index
     n = sum(1 for i in inputs if i["role"] == "expert")
     out = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {title}", "",
            f"A merge of {n} fine-tuned model{'s' if n != 1 else ''} made with Alloy using **{m.name}**"
@@ -158,6 +166,11 @@ def render_card(facts: dict, spec: MergeSpec, out_dir: Path) -> str:
             if summary:
                 out += [summary, ""]
             out += [f"All values: [`{coef_file.name}`]({coef_file.name}).", ""]
+    if ev_results is not None:
+        out += ["## Evaluation", "", ev_results.table(), ""]
+        gates = facts["evaluation"].get("gates")
+        if gates:
+            out += ["Publish gates (`publish_if`):", "", gates["table"], ""]
     scalars = {k: v for k, v in facts["metrics"].items() if isinstance(v, int | float | str | bool)}
     if scalars:
         out += ["## Metrics", "", _table(["metric", "value"], [[k, v] for k, v in scalars.items()]), ""]
@@ -171,9 +184,11 @@ def render_card(facts: dict, spec: MergeSpec, out_dir: Path) -> str:
 
 def write_card(out_dir: Path, spec: MergeSpec, base: ResolvedModel | None, experts: list[ResolvedModel],
                result: MethodResult, *, job_id: str | None = None,
-               calibration: dict[str, Path] | None = None) -> None:
+               calibration: dict[str, Path] | None = None, evaluation: dict | None = None) -> None:
     """Write README.md (model card) and alloy_merge.json into out_dir."""
     out_dir = Path(out_dir)
     facts = merge_facts(spec, base, experts, result, job_id=job_id, calibration=calibration)
+    if evaluation is not None:
+        facts["evaluation"] = evaluation
     (out_dir / FACTS_FILE).write_text(json.dumps(facts, indent=2, default=str) + "\n")
     (out_dir / CARD_FILE).write_text(render_card(facts, spec, out_dir))

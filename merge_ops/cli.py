@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_HUB_ROOT = Path(os.environ.get("ALLOY_HUB_ROOT", Path.home() / ".cache" / "alloy" / "hub"))
+DEFAULT_EVAL_CACHE = Path.home() / ".cache" / "alloy" / "evaluation"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,8 +30,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--shard-size", help="output shard size, e.g. 500MB or 2GB (overrides the spec)")
     m.add_argument("--dtype", help="compute dtype (overrides the spec): float32, bfloat16, float16")
     m.add_argument("--out-dtype", help="output dtype (overrides the spec)")
+    m.add_argument("--eval-cache", type=Path, default=DEFAULT_EVAL_CACHE,
+                   help=f"cache of base/expert evaluation results per commit (default {DEFAULT_EVAL_CACHE})")
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=cmd_merge)
+
+    ev = sub.add_parser("eval", help="score a model on evaluation sets (the same code as a job's evaluate stage)",
+                        description="Score MODEL (a local folder or org/name@revision) on evaluation sets: "
+                        "perplexity ({text}), exact match ({prompt, answer}) or a task head's accuracy "
+                        "({text, label}) and print the table.")
+    ev.add_argument("model", help="local folder or org/name@revision")
+    ev.add_argument("--sets", nargs="+", required=True, metavar="NAME=PATH", help="evaluation sets (JSONL)")
+    ev.add_argument("--kind", choices=("perplexity", "exact_match", "accuracy"), default=None,
+                    help="kind every set must have (default: inferred from the rows)")
+    ev.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="compute device")
+    ev.add_argument("--max-length", type=int, default=512, help="token cap per row")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    ev.set_defaults(func=cmd_eval)
 
     ls = sub.add_parser("methods", help="list merge methods with their parameters and defaults",
                         description="List the merge methods, or describe one in detail.")
@@ -44,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("spec", help="YAML file: Alloy MergeSpec or mergekit config")
     pl.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="compute device")
     pl.add_argument("--mode", choices=("streamed", "in_memory"), default=None,
-                    help="learning mode (default: ALLOY_LEARNED_MODE or streamed)")
+                    help="learning mode (default: ALLOY_LEARNED_MODE or auto: in memory if it fits, else streamed)")
     pl.set_defaults(func=cmd_plan)
 
 
@@ -83,7 +100,7 @@ class _Bars:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from merge_ops.runner import publish_result, run_merge
+    from merge_ops.runner import publish_result, raise_if_rejected, run_merge
     from merge_ops.spec import load_spec
 
     spec = load_spec(args.spec)
@@ -97,20 +114,71 @@ def cmd_merge(args: argparse.Namespace) -> int:
         from merge_ops.spec import spec_from_dict
 
         spec = spec_from_dict({**spec.model_dump(exclude_none=True), **overrides})
+    publisher = published = None
+    if spec.publish:
+        from merge_ops.publish import make_publisher
+        from merge_ops.runner import published_evaluation
+
+        # hf: endpoint and token come from HF_ENDPOINT / HF_TOKEN
+        publisher = make_publisher(spec.publish.hub, root=args.hub_root, private=spec.publish.private)
+        target = spec.publish
+        published = lambda: published_evaluation(publisher, target.repo, target.branch)  # noqa: E731
     bars = _Bars(args.quiet)
     try:
-        outcome = run_merge(spec, Path(args.out), device=args.device, channel=bars)
+        outcome = run_merge(spec, Path(args.out), device=args.device, channel=bars,
+                            eval_cache_dir=args.eval_cache, published_evaluation=published)
     finally:
         bars.close()
     print(f"merged {spec.method} of {len(spec.experts)} expert(s) into {outcome.out_dir} "
           f"in {outcome.seconds:.1f}s")
-    if spec.publish:
-        from merge_ops.publish import make_publisher
+    if outcome.evaluation is not None:
+        from merge_ops.evaluation import EvalResult
 
-        # hf: endpoint and token come from HF_ENDPOINT / HF_TOKEN
-        publisher = make_publisher(spec.publish.hub, root=args.hub_root, private=spec.publish.private)
+        print(EvalResult.from_dict(outcome.evaluation["results"]).table())
+        gates = outcome.evaluation.get("gates")
+        if gates:
+            print(gates["table"])
+        if outcome.rejected:
+            from merge_ops.runner import REJECTED_EXIT, Rejected
+
+            try:
+                raise_if_rejected(outcome)
+            except Rejected as e:
+                print(f"alloy: rejected: {e.message}", file=sys.stderr)
+            return REJECTED_EXIT
+    if publisher is not None:
         ref = publish_result(outcome, spec, publisher)
         print(f"published {ref.repo}@{ref.revision} commit {ref.commit} {ref.url or ''}".rstrip())
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from merge_ops.errors import InputError
+    from merge_ops.evaluation import EvaluateSpec
+    from merge_ops.evaluation.evaluate import load_sets, run_evaluation
+    from merge_ops.sources import resolve
+
+    paths: dict[str, str] = {}
+    for item in args.sets:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"--sets {item!r}: write NAME=PATH")
+        paths[name] = path
+    sets_doc = {n: {"set": p, **({"kind": args.kind} if args.kind else {})} for n, p in paths.items()}
+    try:
+        spec = EvaluateSpec(sets=sets_doc, max_length=args.max_length, batch_size=args.batch_size, baselines=False)
+    except ValueError as e:
+        raise InputError(f"--sets: {e}") from None
+    model = resolve(args.model)
+    bars = _Bars(args.json)
+    try:
+        merged, _ = run_evaluation(model.path, spec, load_sets(paths, spec), device=args.device,
+                                   merged_commit=model.commit, channel=bars)
+    finally:
+        bars.close()
+    print(json.dumps(merged.to_dict(), indent=2) if args.json else merged.table())
     return 0
 
 
@@ -131,9 +199,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     ctx = JobContext(spec=spec, base=base, experts=experts, out_dir=Path("."), device=args.device)
     module = implementation(spec.method_def())
     learns = module.learns(ctx.params) if hasattr(module, "learns") else None
-    p = driver.job_plan(ctx, ctx.params, args.mode or driver.learned_mode(), learns)
-    print(p.text())
     budget = device_budget_mib(args.device)
+    mode = args.mode or driver.learned_mode()
+    p = driver.job_plan(ctx, ctx.params, "in_memory" if mode == "auto" else mode, learns)
+    if mode == "auto" and plan.check_fits(p, budget) is not None:  # as the worker: stream when only that fits
+        p = driver.job_plan(ctx, ctx.params, "streamed", learns)
+    print(p.text())
     why = plan.check_fits(p, budget)
     print(f"  device budget        {'unknown' if budget is None else round(budget, 1)}"
           f"{' MiB' if budget is not None else ''}: {'does not fit: ' + why if why else 'fits'}")
@@ -153,6 +224,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(f"    {m.summary}")
         print(f"    paper: {m.paper}")
         print(f"    math: {m.module.replace('.', '/')}.py")
+        width = max((len(p.name) for p in m.params), default=0)
+        dwidth = max((len(f"default {p.default!r}") for p in m.params), default=0)
         for p in m.params:
             scope = "per expert or global" if p.scope == "model" else "global"
             extra = []
@@ -163,7 +236,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
             if (r := p.range_text()) is not None:
                 extra.append(f"range {r}")
             default = "required" if p.required else f"default {p.default!r}"
-            print(f"      {p.name:<14} {default:<18} {scope:<21} {p.help}"
+            print(f"      {p.name:<{width}}  {default:<{dwidth}}  {scope:<20}  {p.help}"
                   + (f" ({'; '.join(extra)})" if extra else ""))
         print()
     return 0

@@ -7,7 +7,7 @@ into `ctx.out_dir` and returns metrics and artifact paths; the model card and `a
 written afterwards by `card.py` from the result.
 
 Progress and cancellation travel through one `Channel`: `progress(stage, step, total, loss=None)`
-(stages: resolve, plan, learn, merge, write; the service adds publish)
+(stages: resolve, plan, learn, merge, evaluate, write; the service adds publish)
 and `cancel_requested()`. The CLI implements it with progress bars, the worker with throttled
 writes to the job store; the library calls it through `ctx.report(...)` and `ctx.check_cancel()`.
 """
@@ -23,6 +23,10 @@ from merge_ops.errors import Cancelled
 
 if TYPE_CHECKING:
     from merge_ops.spec import MergeSpec
+
+# every stage a job reports, in order (evaluate runs only when the spec has `evaluate:`)
+STAGES: tuple[str, ...] = ("resolve", "plan", "learn", "merge", "evaluate", "write", "publish")
+
 
 class Channel(Protocol):
     """Where a running merge reports progress and learns that it should stop. Called often

@@ -15,10 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from merge_ops.calibration import calibration_files
+from merge_ops.calibration import SET_ID, calibration_files
 from merge_ops.context import SILENT, Channel, JobContext, MethodResult, ResolvedModel, report
 from merge_ops.errors import InputError
+from merge_ops.evaluation.gates import Rejected
 from merge_ops.spec import MergeSpec
+
+REJECTED_EXIT = 3  # `alloy merge` exit code when a publish_if gate rejected the merge
 
 
 @dataclass
@@ -39,6 +42,13 @@ class MergeOutcome:
     result: MethodResult
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    # {"results", "baselines", "gates"} when the spec has `evaluate:` (also in alloy_merge.json)
+    evaluation: dict | None = None
+
+    @property
+    def rejected(self) -> bool:
+        gates = (self.evaluation or {}).get("gates")
+        return gates is not None and not gates["passed"]
 
 
 def resolve_inputs(spec: MergeSpec, opts: ResolveOptions, channel: Channel | None = None
@@ -64,6 +74,8 @@ def run_merge(
     job_id: str | None = None,
     resolve_options: ResolveOptions | None = None,
     find_calibration_set: Callable[[str], Path | None] | None = None,
+    eval_cache_dir: Path | None = None,
+    published_evaluation: Callable[[], dict | None] | None = None,
 ) -> MergeOutcome:
     """Merge into `out_dir` (created; must be empty or absent). Raises AlloyError subclasses.
 
@@ -80,6 +92,7 @@ def run_merge(
     if out_dir.exists() and any(out_dir.iterdir()):
         raise InputError(f"output folder {out_dir} is not empty: choose a new folder or empty it")
     cal = calibration_files(spec, find_calibration_set)
+    eval_sets = load_evaluation_sets(spec, find_calibration_set)  # before any download: fail fast
     base, experts = resolve_inputs(spec, resolve_options or ResolveOptions(), channel)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -88,9 +101,13 @@ def run_merge(
                          calibration=cal, channel=channel, job_id=job_id)
         ctx.check_cancel()
         result = run_method(ctx)
+        evaluation = None
+        if spec.evaluate is not None:
+            evaluation = evaluate_stage(tmp, spec, eval_sets, base, experts, device=device, channel=channel,
+                                        cache_dir=eval_cache_dir, published=published_evaluation)
         ctx.report("write", 0, 1)
         result.metrics.setdefault("seconds", round(time.perf_counter() - t0, 3))
-        write_card(tmp, spec, base, experts, result, job_id=job_id, calibration=cal)
+        write_card(tmp, spec, base, experts, result, job_id=job_id, calibration=cal, evaluation=evaluation)
         ctx.report("write", 1, 1)
         if out_dir.exists():
             out_dir.rmdir()
@@ -98,7 +115,107 @@ def run_merge(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return MergeOutcome(out_dir, base, experts, result, time.perf_counter() - t0)
+    return MergeOutcome(out_dir, base, experts, result, time.perf_counter() - t0, evaluation=evaluation)
+
+
+def evaluation_files(spec: MergeSpec, find_set: Callable[[str], Path | None] | None = None) -> dict[str, Path]:
+    """Evaluation-set name -> local JSONL file: a path, or a set id of the service (`find_set`, the
+    same store as calibration sets; the CLI has none)."""
+    if spec.evaluate is None:
+        return {}
+    out: dict[str, Path] = {}
+    for name, s in spec.evaluate.set_specs().items():
+        where = f"evaluate.sets.{name}"
+        if SET_ID.match(s.set):
+            found = find_set(s.set) if find_set is not None else None
+            if find_set is None:
+                raise InputError(f"{where}: {s.set!r} is a set id, which only the service can read: give a "
+                                 "JSONL file instead", param=where)
+            if found is None or not Path(found).is_file():
+                raise InputError(f"{where}: set {s.set!r} no longer exists", param=where)
+            out[name] = Path(found)
+            continue
+        p = Path(s.set).expanduser()
+        if not p.is_file():
+            raise InputError(f"{where}: {s.set!r} is not a file (JSONL expected)", param=where)
+        out[name] = p
+    return out
+
+
+def load_evaluation_sets(spec: MergeSpec, find_set: Callable[[str], Path | None] | None = None) -> dict:
+    """The spec's evaluation sets read and checked line by line (EvalSetError names the line)."""
+    if spec.evaluate is None:
+        return {}
+    from merge_ops.evaluation.rows import parse_eval_set
+
+    specs = spec.evaluate.set_specs()
+    # errors name the reference as written (a set id in the service, never its path on the server)
+    return {n: parse_eval_set(p.read_bytes(), kind=specs[n].kind, source=specs[n].set)
+            for n, p in evaluation_files(spec, find_set).items()}
+
+
+def evaluate_stage(merged_dir: Path, spec: MergeSpec, sets: dict, base: ResolvedModel | None,
+                   experts: list[ResolvedModel], *, device: str = "cpu", channel: Channel | None = None,
+                   cache_dir: Path | None = None, published: Callable[[], dict | None] | None = None) -> dict:
+    """Score the merged folder (and, cached per input commit, base and experts), then check the
+    `publish_if` gates (the published revision's results fetched only when a rule compares with them).
+    Returns {"results", "baselines", "gates"}; "gates" is None without `publish_if`."""
+    from merge_ops.evaluation import EvalResult, check_gates
+    from merge_ops.evaluation.cache import ResultCache
+    from merge_ops.evaluation.evaluate import run_evaluation
+
+    assert spec.evaluate is not None
+    report(channel, "evaluate", 0, None)
+    merged, baselines = run_evaluation(
+        merged_dir, spec.evaluate, sets, base=base, experts=dict(zip(spec.expert_names(), experts, strict=True)),
+        task_specific=spec.task_specific, cache=ResultCache(cache_dir) if cache_dir is not None else None,
+        device=device, channel=channel)
+    gates = None
+    if spec.publish_if:
+        prev = None
+        if published is not None and any(r.not_worse_than_published for r in spec.publish_if):
+            prev_doc = published()
+            prev = EvalResult.from_dict(prev_doc) if prev_doc else None
+        gates = check_gates(merged, spec.publish_if, prev).to_dict()
+    return {"results": merged.to_dict(), "baselines": {k: v.to_dict() for k, v in baselines.items()},
+            "gates": gates}
+
+
+def published_evaluation(publisher, repo: str, branch: str = "main") -> dict | None:
+    """The evaluation results in alloy_merge.json at the head of `repo`'s `branch` (None: nothing
+    published there yet, or published without an evaluation)."""
+    import json
+
+    from merge_ops.card import FACTS_FILE
+
+    text: str | None = None
+    if hasattr(publisher, "path"):  # LocalHub
+        try:
+            f = publisher.path(repo, branch) / FACTS_FILE
+        except InputError:
+            return None
+        text = f.read_text() if f.is_file() else None
+    else:  # HfHubPublisher
+        from huggingface_hub.utils import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+        try:
+            f = publisher._api().hf_hub_download(repo, FACTS_FILE, revision=branch)
+        except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+            return None
+        text = Path(f).read_text()
+    if text is None:
+        return None
+    ev = json.loads(text).get("evaluation") or {}
+    return ev.get("results")
+
+
+def raise_if_rejected(outcome: MergeOutcome) -> None:
+    """Raise Rejected (with the gate report) when the outcome failed a publish_if gate."""
+    if outcome.rejected:
+        gates = (outcome.evaluation or {})["gates"]
+        failed = [c["rule"] for c in gates["checks"] if not c["passed"]]
+        raise Rejected("publish_if gate failed: " + "; ".join(failed) + ": nothing was published",
+                       report=gates)
 
 
 def run_method(ctx: JobContext) -> MethodResult:
@@ -128,6 +245,7 @@ def publish_result(outcome: MergeOutcome, spec: MergeSpec, publisher, *, job_id:
     target = spec.publish
     if target is None:
         raise InputError("the spec has no `publish` target")
+    raise_if_rejected(outcome)
     msg = f"Merge {spec.method} ({len(spec.experts)} experts)" + (f" job {job_id}" if job_id else "")
     return publisher.publish(outcome.out_dir, target.repo, branch=target.branch, tag=target.tag,
                              job_id=job_id, message=msg)

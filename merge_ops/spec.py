@@ -39,9 +39,10 @@ from pydantic import (
     model_validator,
 )
 
-from merge_ops.calibration import CalibrationRefField, calibration_files, check_calibration
+from merge_ops.calibration import SET_ID, CalibrationRefField, calibration_files, check_calibration
 from merge_ops.declare import MethodDef
 from merge_ops.errors import SpecError
+from merge_ops.evaluation.declarations import EvaluateSpec, GateRule, validate_evaluation
 from merge_ops.methods import MERGEKIT_NAMES, METHODS
 from merge_ops.refs import CONTROL, check_ref_name, is_repo_id, parse_model_ref
 
@@ -136,6 +137,11 @@ class MergeSpec(_Strict):
     calibration: CalibrationSpec | None = None
     publish: PublishSpec | None = None
     notify: NotifySpec | None = None
+    evaluate: EvaluateSpec | None = Field(
+        None, description="evaluation sets scored after the merge and before publishing")
+    publish_if: list[GateRule] | None = Field(
+        None, max_length=MAX_PATTERNS, description="gates on the evaluation results; a failed one ends the "
+                                                   "job `rejected` and publishes nothing")
     shard_size: str = Field("2GB", max_length=32)
     seed: int = Field(0, ge=0, le=2**32 - 1)
 
@@ -203,6 +209,10 @@ class MergeSpec(_Strict):
                     p.name in e.parameters for e in self.experts):
                 raise ValueError(f"method {m.name} needs parameter {p.name!r} ({p.help})")
         self._check_calibration(m, names)
+        validate_evaluation(self.evaluate, self.publish_if, names, has_base=self.base is not None)
+        if self.publish is None and any(r.not_worse_than_published for r in self.publish_if or []):
+            raise ValueError("publish_if: not_worse_than_published compares with the published revision: "
+                             "add `publish: {repo: ...}`")
         if m.check is not None:
             m.check(self)
         return self
@@ -384,4 +394,10 @@ def _anchor_paths(spec: MergeSpec, root: Path) -> MergeSpec:
         data["calibration"]["tasks"] = {
             k: str((root / r.path).resolve()) if r.path is not None and not r.path.startswith(("/", "~")) else r.raw
             for k, r in cal.tasks.items()}
+    if spec.evaluate is not None:  # evaluation-set files, like calibration files (set ids stay as they are)
+        for name, s in spec.evaluate.set_specs().items():
+            if not SET_ID.match(s.set) and not s.set.startswith(("/", "~")):
+                entry = data["evaluate"]["sets"][name]
+                fixed = str((root / s.set).resolve())
+                data["evaluate"]["sets"][name] = {**entry, "set": fixed} if isinstance(entry, dict) else fixed
     return MergeSpec.model_validate(data)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -40,10 +40,22 @@ def validate_jsonl(path: Path) -> int:
         raise ApiError(422, "invalid_calibration", e.message) from None
 
 
+def validate_evaluation_jsonl(path: Path) -> int:
+    """An evaluation set's rows (text / prompt+answer / text+label, one kind per set): ApiError(422)
+    naming the first bad line. Evaluation sets share this endpoint and table (`?purpose=evaluation`)."""
+    from merge_ops.evaluation import EvalSetError, parse_eval_set
+
+    try:  # no source: messages say "line N", never the server's path
+        return len(parse_eval_set(path.read_bytes()))
+    except EvalSetError as e:
+        raise ApiError(422, e.code, e.message) from None
+
+
 @router.post("", status_code=201, response_model=CalibrationSetOut, openapi_extra=UPLOAD_BODY,
              responses={**ERRORS, 413: ERRORS[422]}, summary="Upload a calibration set (JSONL body)")
 async def upload(request: Request, response: Response, p: Writer,
-                 name: Annotated[str | None, Query(max_length=200)] = None) -> CalibrationSetOut:
+                 name: Annotated[str | None, Query(max_length=200)] = None,
+                 purpose: Literal["calibration", "evaluation"] = "calibration") -> CalibrationSetOut:
     settings, store = request.app.state.settings, request.app.state.store
     limit = settings.max_upload_bytes
     too_big = ApiError(413, "too_large", f"calibration sets are limited to {limit} bytes; split or sample it")
@@ -61,7 +73,8 @@ async def upload(request: Request, response: Response, p: Writer,
                     raise too_big
                 digest.update(chunk)
                 f.write(chunk)
-        lines = await run_in_threadpool(validate_jsonl, path)
+        lines = await run_in_threadpool(validate_evaluation_jsonl if purpose == "evaluation" else validate_jsonl,
+                                        path)
         cs, created = await run_in_threadpool(_keep, store, path, p.tenant, name, size, lines, digest.hexdigest())
     finally:
         path.unlink(missing_ok=True)  # renamed away when kept

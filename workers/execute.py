@@ -17,9 +17,10 @@ from typing import Any
 from jobs.admission import AdmissionError, check_model_sources, publish_problem
 from jobs.queue import GPU
 from jobs.settings import Settings, worker_name
-from jobs.states import CANCELLED, FAILED, SUCCEEDED
+from jobs.states import CANCELLED, FAILED, REJECTED, SUCCEEDED
 from jobs.store import Store
 from merge_ops.errors import AlloyError, Cancelled
+from merge_ops.evaluation.gates import Rejected
 from merge_ops.sources import scrub
 from merge_ops.spec import MergeSpec
 
@@ -128,6 +129,11 @@ def run_job(job_id: str, store: Store, settings: Settings) -> str:
     try:
         with rep:
             result = _run(job.spec, job.tenant, job.queue, job_id, work, rep, store, settings)
+    except Rejected as e:  # the publish_if gate: the job ends `rejected` with the table, nothing published
+        shutil.rmtree(work, ignore_errors=True)
+        ok = store.finish(job_id, attempt, REJECTED, result=e.report, error_code=e.code,
+                          error_message=redact(e.message, settings))
+        return "rejected" if ok else "fenced"
     except Exception as e:
         shutil.rmtree(work, ignore_errors=True)
         if rep.timed_out and isinstance(e, Cancelled):
@@ -165,7 +171,12 @@ def _record_failure(store: Store, settings: Settings, job_id: str, attempt: int,
 
 def _run(spec_doc: dict[str, Any], tenant: str, queue: str, job_id: str, work: Path, rep: Reporter,
          store: Store, settings: Settings) -> dict[str, Any]:
-    from merge_ops.runner import ResolveOptions, publish_result, run_merge  # torch: only in the worker
+    from merge_ops.runner import (  # torch: only in the worker
+        ResolveOptions,
+        publish_result,
+        raise_if_rejected,
+        run_merge,
+    )
 
     spec = MergeSpec.model_validate(spec_doc)
     # again at resolve: the settings (roots, data dir, hub orgs) may have changed since submit
@@ -174,8 +185,23 @@ def _run(spec_doc: dict[str, Any], tenant: str, queue: str, job_id: str, work: P
         raise AdmissionError(why, param="publish.repo")
     opts = ResolveOptions(token=settings.hub_token(tenant), endpoint=settings.hub_endpoint,
                           cache_dir=settings.data_dir / "cache", allowed_roots=settings.roots)
+    published = None
+    if spec.publish is not None:
+        from merge_ops.runner import published_evaluation
+
+        target = spec.publish
+        published = lambda: published_evaluation(_publisher(spec, tenant, settings),  # noqa: E731
+                                                  target.repo, target.branch)
     outcome = run_merge(spec, work / "model", device=_device(queue), channel=rep, job_id=job_id,
-                        resolve_options=opts, find_calibration_set=_set_finder(store, tenant))
+                        resolve_options=opts, find_calibration_set=_set_finder(store, tenant),
+                        eval_cache_dir=settings.data_dir / "evaluation" / "cache", published_evaluation=published)
+    if outcome.rejected:
+        try:
+            raise_if_rejected(outcome)
+        except Rejected as e:  # the job's result carries the results and the table that failed it
+            e.report = {"evaluation": _jsonable(outcome.evaluation), "gates": e.report,
+                        "table": e.report.get("table")}
+            raise
     result: dict[str, Any] = {
         "metrics": _jsonable(outcome.result.metrics),
         "inputs": [{"ref": m.ref, "commit": m.commit} for m in
@@ -183,6 +209,8 @@ def _run(spec_doc: dict[str, Any], tenant: str, queue: str, job_id: str, work: P
         "artifacts": _keep_artifacts(outcome.out_dir, outcome.result.artifacts, work.parent),
         "published": None,
     }
+    if outcome.evaluation is not None:
+        result["evaluation"] = _jsonable(outcome.evaluation)
     if spec.publish is not None:
         rep.enter_stage("publish")
         if rep.cancel_requested():  # also the fence: never publish for an attempt that lost the job

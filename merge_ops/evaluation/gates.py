@@ -19,8 +19,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from merge_ops.errors import AlloyError
 from merge_ops.evaluation.declarations import METRICS, GateRule, parse_publish_if
 from merge_ops.evaluation.results import EvalResult, _num
+
+
+class Rejected(AlloyError):
+    """The merge ran, but its evaluation failed a `publish_if` gate: nothing is published.
+    `report` is the gate report (passed, checks, table) for the job result."""
+
+    code = "rejected"
+
+    def __init__(self, message: str, *, report: dict | None = None):
+        super().__init__(message)
+        self.report = report or {}
 
 
 @dataclass

@@ -118,10 +118,7 @@ def run(ctx: JobContext, method: ModuleType) -> MethodResult:
     names = spec.expert_names()
     dtype = TORCH_DTYPES[spec.dtype]
     torch.manual_seed(spec.seed)
-    mode = learned_mode()
-    mem_plan = job_plan(ctx, params, mode, learns)
-    if (why := plan_mod.check_fits(mem_plan, memory.device_budget_mib(ctx.device))) is not None:
-        raise InputError(why)
+    mem_plan = choose_plan(ctx, params, learns)
     memory.reset_peak(ctx.device)
     adapter = build_adapter(ctx.base.path, dtype, ctx.device)
     inputs = load_merge_inputs(ctx.base.path, [e.path for e in ctx.experts], names,
@@ -137,7 +134,7 @@ def run(ctx: JobContext, method: ModuleType) -> MethodResult:
     samples = load_calibration(ctx.calibration, names, tokenizer_dir=ctx.base.path,
                                max_length=cal.max_length if cal else 64,
                                samples_per_task=cal.samples_per_task if cal else None, seed=spec.seed)
-    s = Session(ctx, params, names, dtype, adapter, inputs, samples, total_steps, mode=mode)
+    s = Session(ctx, params, names, dtype, adapter, inputs, samples, total_steps, mode=mem_plan.mode)
     trained = method.learn(s)
     learn_peak = memory.peak(ctx.device)
 
@@ -167,11 +164,26 @@ def job_plan(ctx: JobContext, params: dict[str, Any], mode: str, learns: Any = N
 
 
 def learned_mode() -> str:
-    """ALLOY_LEARNED_MODE=in_memory restores the all-at-once engine (default: streamed)."""
-    mode = os.environ.get("ALLOY_LEARNED_MODE", "streamed")
-    if mode not in ("streamed", "in_memory"):
-        raise SpecError(f"ALLOY_LEARNED_MODE={mode!r}: use streamed or in_memory")
+    """ALLOY_LEARNED_MODE: `auto` (default), `streamed` or `in_memory`."""
+    mode = os.environ.get("ALLOY_LEARNED_MODE", "auto")
+    if mode not in ("auto", "streamed", "in_memory"):
+        raise SpecError(f"ALLOY_LEARNED_MODE={mode!r}: use auto, streamed or in_memory")
     return mode
+
+
+def choose_plan(ctx: JobContext, params: dict[str, Any], learns: Any = None) -> plan_mod.MemoryPlan:
+    """The job's mode and memory plan; refuses (with the numbers) a job that cannot fit its device.
+
+    `auto` learns in memory when that fits (it is the faster: streaming recomputes each block's
+    forward in backward, 1.3-1.9x a step on CPU, benchmarks/README.md) and streams when only that fits."""
+    budget = memory.device_budget_mib(ctx.device)
+    mode = learned_mode()
+    plan = job_plan(ctx, params, "in_memory" if mode == "auto" else mode, learns)
+    if mode == "auto" and plan_mod.check_fits(plan, budget) is not None:
+        plan = job_plan(ctx, params, "streamed", learns)
+    if (why := plan_mod.check_fits(plan, budget)) is not None:
+        raise InputError(why)
+    return plan
 
 
 def _mib(ts) -> float:

@@ -18,6 +18,11 @@ and a loss `loss_fn(step, s: Step) -> None` that draws its calibration batches a
 `s.backward(term)` on a scalar computed from `adapter.forward(s.params, inputs.heads[task], batch)`
 (a regulariser is one more term built on `engine.coefficients()`); the driver runs `fit` and writes
 the checkpoint, heads and the table.
+
+`engine.stream(adapter)` switches to block-streamed learning (streaming.py): each transformer block's
+merged tensors are built inside its checkpointed forward and recomputed in backward, so only one
+block's θ(c) exists at a time; the gradients are the same. Under torch.distributed, `fit` sums the
+table's gradient over the ranks (distributed.py).
 """
 
 from __future__ import annotations

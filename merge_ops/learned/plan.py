@@ -137,7 +137,7 @@ def check_fits(plan: MemoryPlan, budget_mib: float | None) -> str | None:
         return None
     hint = "lower batch_size or calibration.max_length, use fewer experts"
     if plan.mode == "in_memory":
-        hint = "use the streamed mode (unset ALLOY_LEARNED_MODE), " + hint
+        hint = "use the streamed mode (ALLOY_LEARNED_MODE=auto or streamed), " + hint
     return (f"the learned merge needs about {plan.peak_device_mib:.0f} MiB on the device but "
             f"{budget_mib:.0f} MiB are available (model {plan.model_mib:.0f} MiB, task vectors "
             f"{plan.task_vectors_mib:.0f} MiB, activations {plan.activations_mib:.0f} MiB): {hint}, "

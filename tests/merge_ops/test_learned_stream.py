@@ -198,8 +198,10 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("method", ["adamerging", "expert_merging"])
-def test_two_gloo_ranks_learn_the_coefficients_of_one_process(llama, tmp_path, method):
+def test_two_gloo_ranks_learn_the_coefficients_of_one_process(llama, tmp_path, method, monkeypatch):
     import torch.multiprocessing as mp
+
+    monkeypatch.setenv("ALLOY_LEARNED_MODE", "streamed")  # the children inherit it: streamed + data parallel
 
     base, experts, _ = llama
     # 3 tasks over 2 ranks: rank 0 computes tasks 0 and 2 (and the regulariser), rank 1 task 1

@@ -57,6 +57,7 @@ def test_check_fits_explains_what_to_change(family):
 def test_job_reports_its_plan_and_refuses_past_the_budget(family, tmp_path, monkeypatch):
     base, spec = family
     monkeypatch.delenv("ALLOY_MEMORY_BUDGET", raising=False)
+    monkeypatch.delenv("ALLOY_LEARNED_MODE", raising=False)
     out = run_merge(spec_from_dict(spec), tmp_path / "ok")
     plan = out.result.metrics["memory_plan"]
     assert plan["k"] == 2 and plan["mode"] == out.result.metrics["learned_mode"]
@@ -65,6 +66,14 @@ def test_job_reports_its_plan_and_refuses_past_the_budget(family, tmp_path, monk
     # generous: the prediction is within a factor of 2 of the measured peak (runtime included)
     measured = out.result.metrics["peak_rss_mib"]
     assert 0.5 * measured < plan["peak_device_mib"] < 2 * measured
+    # auto: a budget between the two predictions learns streamed
+    mem = plan_memory(base, k=2, batch=2, seq_len=16, mode="in_memory").peak_device_mib
+    streamed = plan_memory(base, k=2, batch=2, seq_len=16, mode="streamed").peak_device_mib
+    assert streamed < mem
+    monkeypatch.setenv("ALLOY_MEMORY_BUDGET", str(int((mem + streamed) / 2 * 2**20)))
+    monkeypatch.setenv("ALLOY_LEARNED_MODE", "auto")
+    auto = run_merge(spec_from_dict(spec), tmp_path / "auto").result.metrics
+    assert auto["learned_mode"] == "streamed" and auto["memory_plan"]["mode"] == "streamed"
     monkeypatch.setenv("ALLOY_MEMORY_BUDGET", "1MB")
     with pytest.raises(InputError, match="MiB"):
         run_merge(spec_from_dict(spec), tmp_path / "refused")
