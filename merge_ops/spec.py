@@ -302,6 +302,22 @@ _MERGEKIT_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype",
                   "slices", "tokenizer_source", "tokenizer", "chat_template", "name"}
 
 
+def _refuse_tokenizer_settings(doc: dict[str, Any]) -> None:
+    """Alloy writes the base's tokenizer (the first model's without a base), which is mergekit's
+    `tokenizer_source: base`; every other tokenizer setting would change the model, so it is refused
+    rather than dropped."""
+    source = doc.get("tokenizer_source")
+    if source is not None and not (source == "base" and doc.get("base_model") is not None):
+        raise SpecError(f"mergekit tokenizer_source: {source!r} is not supported yet: Alloy keeps the base "
+                        "model's tokenizer and vocabulary (tokenizer_source: base, with a base_model); remove "
+                        "the setting or merge with mergekit", param="tokenizer_source")
+    for key in ("tokenizer", "chat_template"):
+        if doc.get(key) is not None:
+            raise SpecError(f"mergekit `{key}` is not supported yet: Alloy keeps the base model's tokenizer files "
+                            f"unchanged; remove `{key}` (set a chat template in tokenizer_config.json after "
+                            "merging)", param=key)
+
+
 def from_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
     """Translate a mergekit config into our spec dict (same semantics, our field names)."""
     unknown = set(doc) - _MERGEKIT_KEYS
@@ -310,6 +326,7 @@ def from_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
     if "slices" in doc:
         raise SpecError("mergekit `slices` (layer ranges / frankenmerges) are not supported yet: "
                         "list whole `models:` instead")
+    _refuse_tokenizer_settings(doc)
     method = doc["merge_method"]
     if not isinstance(method, str) or method not in MERGEKIT_NAMES:
         raise SpecError(f"mergekit method {method!r} is not supported; supported: "
