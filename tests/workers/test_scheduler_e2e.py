@@ -13,6 +13,7 @@ import json
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -46,6 +47,21 @@ def wait_for(what: str, fn, timeout: float = 90, procs: Procs | None = None):
         time.sleep(0.2)
 
 
+
+def _add_and_poll(svc, procs, env: dict, tmp_path: Path, name: str) -> tuple[str, dict]:
+    """Add an on-new-revision schedule of org/e1 + org/e2 through the CLI; start two schedulers on it."""
+    schedule = {"name": name, "trigger": {"type": "on_new_revision", "poll_seconds": 1},
+                "tag_template": "run-{n}",
+                "spec": {"method": "task_arithmetic", "base": "org/base", "parameters": {"lambda": 0.5},
+                         "experts": [{"model": "org/e1"}, {"model": "org/e2"}],
+                         "publish": {"repo": "org/merged", "hub": "hf"}}}
+    (tmp_path / "schedule.yaml").write_text(yaml.safe_dump(schedule))
+    rc, out = cli(svc, "--json", "add", str(tmp_path / "schedule.yaml"))
+    assert rc == 0, out
+    for i in range(2):
+        procs.start(f"sched{i}", [sys.executable, "-m", "service.cli", "scheduler"], env)
+    return json.loads(out)["id"], schedule
+
 def test_new_expert_commit_triggers_exactly_one_republish(tmp_path, redis_url, hub_server, tiny_llama):  # noqa: F811
     base, experts = tiny_llama(2)
     hub_server.push_folder("org/base", base)
@@ -60,17 +76,7 @@ def test_new_expert_commit_triggers_exactly_one_republish(tmp_path, redis_url, h
                       ALLOY_SCHEDULER_TICK_SECONDS="0.2")
     try:
         svc = Service(procs, env)
-        schedule = {"name": "fresh-merge", "trigger": {"type": "on_new_revision", "poll_seconds": 1},
-                    "tag_template": "run-{n}",
-                    "spec": {"method": "task_arithmetic", "base": "org/base", "parameters": {"lambda": 0.5},
-                             "experts": [{"model": "org/e1"}, {"model": "org/e2"}],
-                             "publish": {"repo": "org/merged", "hub": "hf"}}}
-        (tmp_path / "schedule.yaml").write_text(yaml.safe_dump(schedule))
-        rc, out = cli(svc, "--json", "add", str(tmp_path / "schedule.yaml"))
-        assert rc == 0, out
-        sid = json.loads(out)["id"]
-        for i in range(2):  # two schedulers poll the same schedule
-            procs.start(f"sched{i}", [sys.executable, "-m", "service.cli", "scheduler"], env)
+        sid, _ = _add_and_poll(svc, procs, env, tmp_path, "fresh-merge")  # two schedulers poll it
 
         def runs() -> list[dict]:
             return svc.http.get(f"/v1/schedules/{sid}/runs", headers=auth()).json()["data"][::-1]
@@ -176,17 +182,7 @@ def test_schedule_lifecycle_with_real_parts(tmp_path, redis_url, hub_server, tin
                       ALLOY_SCHEDULER_TICK_SECONDS="0.2", ALLOY_SCHEDULER_RETRY_BACKOFF_SECONDS="1")
     try:
         svc = Service(procs, env)
-        schedule = {"name": "re-added", "trigger": {"type": "on_new_revision", "poll_seconds": 1},
-                    "tag_template": "run-{n}",
-                    "spec": {"method": "task_arithmetic", "base": "org/base", "parameters": {"lambda": 0.5},
-                             "experts": [{"model": "org/e1"}, {"model": "org/e2"}],
-                             "publish": {"repo": "org/merged", "hub": "hf"}}}
-        (tmp_path / "schedule.yaml").write_text(yaml.safe_dump(schedule))
-        rc, out = cli(svc, "--json", "add", str(tmp_path / "schedule.yaml"))
-        assert rc == 0, out
-        sid = json.loads(out)["id"]
-        for i in range(2):
-            procs.start(f"sched{i}", [sys.executable, "-m", "service.cli", "scheduler"], env)
+        sid, schedule = _add_and_poll(svc, procs, env, tmp_path, "re-added")
 
         def runs() -> list[dict]:
             return svc.http.get(f"/v1/schedules/{sid}/runs", headers=auth()).json()["data"][::-1]
