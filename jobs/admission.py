@@ -23,7 +23,9 @@ from jobs.settings import Settings
 from jobs.store import Store
 from merge_ops.calibration import check_calibration
 from merge_ops.errors import CalibrationError, InputError, SpecError
-from merge_ops.refs import parse_model_ref
+from merge_ops.lora.config import check_adapter_folder, is_adapter_folder
+from merge_ops.refs import parse_model_ref, ref_parts, split_adapter_ref
+from merge_ops.slices_spec import check_local_ranges
 from merge_ops.sources import check_links
 from merge_ops.spec import MergeSpec
 
@@ -51,10 +53,38 @@ def _in_server_data(path: Path, settings: Settings, *, file: bool) -> bool:
 def _local_paths(spec: MergeSpec) -> list[tuple[str, Path]]:
     out = []
     for ref in ([spec.base] if spec.base else []) + [e.model for e in spec.experts]:
-        r = parse_model_ref(ref)
-        if r.local_path is not None:
-            out.append((ref, Path(r.local_path.removeprefix("file://")).expanduser()))
+        for part in ref_parts(ref):  # `model+adapter`: both folders are sources
+            r = parse_model_ref(part)
+            if r.local_path is not None:
+                out.append((part, Path(r.local_path.removeprefix("file://")).expanduser()))
     return out
+
+
+def check_adapters(spec: MergeSpec) -> None:
+    """Local LoRA adapters (PEFT folders) at submit: a readable, supported adapter_config.json and
+    safetensors weights (hub adapters are checked when the worker resolves them), and a model to apply
+    each one to. Messages name the field."""
+    fields = ([("base", spec.base)] if spec.base else []) + [
+        (f"experts[{i}].model", e.model) for i, e in enumerate(spec.experts)]
+    for field, ref in fields:
+        model, adapter = split_adapter_ref(ref)
+        for part in ref_parts(ref):
+            r = parse_model_ref(part)
+            if r.local_path is None:
+                continue
+            folder = Path(r.local_path.removeprefix("file://")).expanduser().resolve()
+            if not folder.is_dir() or not is_adapter_folder(folder):
+                if part == adapter and folder.is_dir():
+                    raise AdmissionError(f"{field}: {part!r} after '+' is not a PEFT LoRA adapter folder (it needs "
+                                         "adapter_config.json and adapter_model.safetensors, and no model weights)")
+                continue
+            if part == model and (adapter is not None or field == "base" or spec.base is None):
+                raise AdmissionError(f"{field}: {part!r} is a LoRA adapter with no model to apply it to: write "
+                                     "model+adapter" + ("" if field == "base" else ", or set `base`"))
+            try:
+                check_adapter_folder(folder, part)
+            except InputError as e:
+                raise AdmissionError(f"{field}: {e.message}") from None
 
 
 def check_model_sources(spec: MergeSpec, settings: Settings) -> None:
@@ -115,6 +145,17 @@ def publish_problem(spec: MergeSpec, tenant: str, settings: Settings, *, admin: 
     return None
 
 
+def quota_used(store: Store, settings: Settings, tenant: str) -> int | None:
+    """The tenant's queued + running jobs when that reaches its quota (ALLOY_MAX_ACTIVE_JOBS_PER_TENANT),
+    else None. Every job counts, whoever made it: a submit (429) and a scheduled run (recorded as
+    skipped or deferred) are both refused past it. Counted before the insert: a soft cap, by a few."""
+    cap = settings.max_active_jobs_per_tenant
+    if not cap:
+        return None
+    n = store.count_active(tenant)
+    return n if n >= cap else None
+
+
 def check_admission(spec: MergeSpec, tenant: str, store: Store, settings: Settings, *,
                     admin: bool | None = None) -> None:
     """Raise AdmissionError when the spec asks for something the server does not allow.
@@ -122,6 +163,11 @@ def check_admission(spec: MergeSpec, tenant: str, store: Store, settings: Settin
     `admin`: whether the caller holds the admin scope (None: any admin token of the tenant counts,
     for checks made without a request, such as scheduled runs)."""
     check_model_sources(spec, settings)
+    check_adapters(spec)
+    try:  # layer slices against the depth of local models, now known to lie under the roots (hub: at run time)
+        check_local_ranges(spec)
+    except SpecError as e:
+        raise AdmissionError(e.message, param=e.param) from None
     if spec.calibration is not None:
         files = {}
         for task, ref in spec.calibration.tasks.items():

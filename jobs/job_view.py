@@ -1,4 +1,5 @@
-"""A job as clients see it: the body of the API's job responses and of every webhook POST.
+"""A job as clients see it: the body of the API's job responses; webhook POSTs carry the summary
+(no spec: a receiver is another party, and a spec names the server's model folders).
 
 Pure pydantic over the Job row, so the API and the reaper (which delivers webhooks) render the same
 document.

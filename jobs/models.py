@@ -66,6 +66,7 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idem"),
         Index("ix_jobs_tenant_seq", "tenant", "seq"),
+        Index("ix_jobs_tenant_state", "tenant", "state", "seq"),  # quota counts, lists by state
         Index("ix_jobs_state_lease", "state", "lease_until"),
         Index("ix_jobs_webhook_due", "webhook_state", "webhook_next_at"),
     )

@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from croniter import CroniterBadDateError, croniter
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from merge_ops.refs import parse_model_ref
+from merge_ops.refs import parse_model_ref, ref_parts
 from merge_ops.spec import MergeSpec
 
 MAX_MISSED_COUNTED = 1000  # after a long outage, missed cron times are counted up to this
@@ -149,9 +149,14 @@ def pin(spec: dict[str, Any], inputs: list[dict[str, Any]], tag: str | None,
     commits = {i["ref"]: i["commit"] for i in inputs}
     out = json.loads(json.dumps(spec))
 
-    def pinned(ref: str) -> str:
+    def pinned(ref: str, commit: str | None = None) -> str:
+        commit = commits.get(ref) if commit is None else commit
+        parts = ref_parts(ref)
+        if len(parts) > 1:  # model+adapter: its commit is "<model>+<adapter>" (sources.head_commit)
+            shas = (commit or "").split("+")
+            return "+".join(pinned(x, c) for x, c in zip(parts, shas if len(shas) == 2 else ["", ""], strict=True))
         r = parse_model_ref(ref)
-        return ref if r.is_local or not commits.get(ref) else f"{r.repo_id}@{commits[ref]}"
+        return ref if r.is_local or not commit else f"{r.repo_id}@{commit}"
 
     if out.get("base"):
         out["base"] = pinned(out["base"])

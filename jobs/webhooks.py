@@ -22,7 +22,7 @@ import time
 import httpx
 
 from jobs import egress
-from jobs.job_view import job_out
+from jobs.job_view import job_summary
 from jobs.settings import Settings
 from jobs.store import Store
 
@@ -70,7 +70,7 @@ def deliver_due(store: Store, settings: Settings, client: httpx.Client,
         n += 1
         url = job.spec["notify"]["url"]
         webhook_id = f"{job.id}.{job.state}"
-        body = job_out(job).model_dump_json().encode()
+        body = job_summary(job).model_dump_json().encode()  # no spec: it names the server's model folders
         ts = int(time.time())
         code: int | None = None
         retryable = True

@@ -214,11 +214,11 @@ def calibration_files(spec: MergeSpec, find_set: Callable[[str], Path | None] | 
 
 # -- checks that read the sets and model folders (no weights) ---------------------------------------
 def _local_folder(ref: str | None) -> Path | None:
-    from merge_ops.refs import parse_model_ref
+    from merge_ops.refs import parse_model_ref, ref_parts
 
     if ref is None:
         return None
-    r = parse_model_ref(ref)
+    r = parse_model_ref(ref_parts(ref)[0])  # model+adapter: the model holds the config and tokenizer
     if r.local_path is None:
         return None  # a hub model: its files are known only after download
     p = Path(r.local_path.removeprefix("file://")).expanduser()
@@ -235,23 +235,33 @@ def _config(folder: Path | None) -> Mapping[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
-def check_calibration(spec: MergeSpec, files: Mapping[str, Path]) -> None:
+def reading_model(spec: MergeSpec) -> str | None:
+    """The ref of the model whose vocabulary and tokenizer the calibration rows are read with: the
+    base; OT fusion: the anchor expert."""
+    if spec.method_def().kind == "ot":
+        anchor = int(spec.global_param("anchor") or 0)
+        return spec.experts[anchor].model if anchor < len(spec.experts) else None
+    return spec.base
+
+
+def check_calibration(spec: MergeSpec, files: Mapping[str, Path], *, model_folder: Path | None = None) -> None:
     """What the sets must hold for this spec, checked before any model is downloaded.
 
     Learned methods read token rows; OT fusion reads input rows for alloy_arch (MLP/CNN) models and
     token rows for HF models. Text rows need tokenizer files in the model that tokenises them (the
-    base; OT: the anchor), checked where that model is a local folder (a hub model's files are known
-    only after download)."""
+    base; OT: the anchor), checked where that model is a local folder. A hub model's files are known
+    only after download: the runner checks again with `model_folder` (that model's resolved folder)
+    before any learning. Messages name the model by its ref, never by the folder it was read from."""
     m = spec.method_def()
     if not m.reads_calibration or not files:
         return
+    ref = reading_model(spec)
+    folder = model_folder if model_folder is not None else _local_folder(ref)
     if m.kind == "ot":
         anchor = int(spec.global_param("anchor") or 0)
-        folder = _local_folder(spec.experts[anchor].model if anchor < len(spec.experts) else None)
-        who = f"the anchor expert ({spec.expert_names()[anchor]})" if folder else ""
+        who = f"the anchor expert ({spec.expert_names()[anchor]}, {ref})" if folder else ""
     else:
-        folder = _local_folder(spec.base)
-        who = "the base"
+        who = f"the base ({ref})"
     config = _config(folder)
     arch = config.get("alloy_arch")
     vocab = config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else None
@@ -273,5 +283,5 @@ def check_calibration(spec: MergeSpec, files: Mapping[str, Path]) -> None:
                                        f"{who} has a vocabulary of {vocab} ids (0..{vocab - 1})", param=where)
         if not tokenizer and any(r.text is not None for r in rows):
             line = next(r.line for r in rows if r.text is not None)
-            raise CalibrationError(f"{where}: line {line} holds text, but {who} {folder} has no tokenizer "
+            raise CalibrationError(f"{where}: line {line} holds text, but {who} has no tokenizer "
                                    'files: give "input_ids" rows instead', param=where)

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from merge_ops.calibration import SET_ID
 from merge_ops.context import MethodResult, ResolvedModel
 from merge_ops.methods import METHODS
 from merge_ops.sources import scrub
@@ -37,20 +38,48 @@ def alloy_version() -> str:
         return "dev"
 
 
-def _recipe(spec: MergeSpec) -> dict[str, Any]:
-    return json.loads(scrub(json.dumps(spec.model_dump(mode="json", exclude_none=True, exclude=_NO_CARD))))
+def model_name(m: ResolvedModel) -> str:
+    """How cards and job results name a model: its hub id, or for a local folder `local:` and the
+    start of its content fingerprint. Never the folder: a server path (and the folder's name) says
+    where the server keeps its files, and another tenant could read the model by it."""
+    if m.repo_id:
+        return m.repo_id
+    digest = (m.commit or "").removeprefix("local:")
+    return f"local:{digest[:12]}" if digest else "local model"
 
 
-def _model_name(m: ResolvedModel) -> str:
-    return m.repo_id or m.path.name
+def _public_refs(spec: MergeSpec, models: list[ResolvedModel]) -> dict[str, str]:
+    """Spec strings that name files on the machine that ran the merge -> what the card says instead:
+    local model folders -> model_name, calibration and evaluation files -> their file name."""
+    out = {m.ref: model_name(m) for m in models if m.repo_id is None}
+    if spec.calibration is not None:
+        out.update({r.raw: Path(r.path).name for r in spec.calibration.tasks.values() if r.path is not None})
+    if spec.evaluate is not None:
+        out.update({s.set: Path(s.set).name for s in spec.evaluate.set_specs().values() if not SET_ID.match(s.set)})
+    return out
+
+
+def _swap(x: Any, names: dict[str, str]) -> Any:
+    if isinstance(x, dict):
+        return {k: _swap(v, names) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_swap(v, names) for v in x]
+    return names.get(x, x) if isinstance(x, str) else x
+
+
+def _recipe(spec: MergeSpec, names: dict[str, str]) -> dict[str, Any]:
+    doc = json.loads(scrub(json.dumps(spec.model_dump(mode="json", exclude_none=True, exclude=_NO_CARD))))
+    return _swap(doc, names)
 
 
 def _inputs(spec: MergeSpec, base: ResolvedModel | None, experts: list[ResolvedModel]) -> list[dict]:
-    rows = [] if base is None else [{"role": "base", "name": _model_name(base), "ref": base.ref,
+    """One row per input; `ref` is the spec's hub ref, or the local folder's model_name."""
+    rows = [] if base is None else [{"role": "base", "name": model_name(base),
+                                     "ref": base.ref if base.repo_id else model_name(base),
                                      "repo": base.repo_id, "revision": base.revision, "commit": base.commit}]
     for name, m in zip(spec.expert_names(), experts, strict=True):
-        rows.append({"role": "expert", "name": name, "ref": m.ref, "repo": m.repo_id,
-                     "revision": m.revision, "commit": m.commit})
+        rows.append({"role": "expert", "name": name, "ref": m.ref if m.repo_id else model_name(m),
+                     "repo": m.repo_id, "revision": m.revision, "commit": m.commit})
     return rows
 
 
@@ -65,7 +94,8 @@ def _calibration(spec: MergeSpec, files: dict[str, Path] | None) -> list[dict]:
         with Path(path).open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
-        rows.append({"task": task, "ref": scrub(str(ref.set_id or ref.raw)) if ref is not None else None,
+        name = ref.set_id or Path(ref.path or ref.raw).name if ref is not None else None  # never a folder
+        rows.append({"task": task, "ref": scrub(name) if name is not None else None,
                      "sha256": digest.hexdigest()})
     return rows
 
@@ -81,7 +111,7 @@ def merge_facts(spec: MergeSpec, base: ResolvedModel | None, experts: list[Resol
         "method": spec.method,
         "method_kind": m.kind,
         "paper": m.paper,
-        "spec": _recipe(spec),
+        "spec": _recipe(spec, _public_refs(spec, ([base] if base else []) + experts)),
         "inputs": _inputs(spec, base, experts),
         "metrics": result.metrics,
         "artifacts": result.artifacts,
@@ -131,8 +161,10 @@ def render_card(facts: dict, spec: MergeSpec, out_dir: Path) -> str:
     m = METHODS[spec.method]
     inputs = facts["inputs"]
     base = next((i for i in inputs if i["role"] == "base"), None)
-    meta = {"base_model": [i["repo"] or i["name"] for i in inputs], "base_model_relation": "merge",
-            "tags": ["merge", "alloy", spec.method], "library_name": "transformers"}
+    # the Hub reads base_model as hub ids: local inputs are listed in the body only
+    hub_ids = [i["repo"] for i in inputs if i["repo"]]
+    meta: dict[str, Any] = {"base_model": hub_ids, "base_model_relation": "merge"} if hub_ids else {}
+    meta.update({"tags": ["merge", "alloy", spec.method], "library_name": "transformers"})
     title = spec.name or (spec.publish.repo.split("/")[-1] if spec.publish else f"{spec.method} merge")
     ev_results = None
     if facts.get("evaluation"):
@@ -145,7 +177,7 @@ def render_card(facts: dict, spec: MergeSpec, out_dir: Path) -> str:
     n = sum(1 for i in inputs if i["role"] == "expert")
     out = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {title}", "",
            f"A merge of {n} fine-tuned model{'s' if n != 1 else ''} made with Alloy using **{m.name}**"
-           + (f" on top of `{base['repo'] or base['name']}`." if base else "."), "",
+           + (f" on top of `{base['repo'] or base['ref']}`." if base else "."), "",
            "## Merge method", "", f"**{m.name}**: {m.summary}", "", f"Paper: {_paper_links(m.paper)}", "",
            "## Models merged", "",
            _table(["role", "model", "revision", "commit"],

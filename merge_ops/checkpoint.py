@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from merge_ops import layers
 from merge_ops.errors import PICKLE_SUFFIXES, CheckpointError, pickle_refusal
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -42,6 +43,16 @@ AUX_FILES = (
     "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
     "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
 )
+
+TOKENIZER_FILES = frozenset({
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "chat_template.jinja", "chat_template.json"})
+# vocabulary-indexed tensors (row = token id), as mergekit's architecture files mark them (vocabulary_axis 0)
+VOCAB_TENSOR = re.compile(
+    r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in|embed_out|tok_embeddings|lm_head|output_layer|"
+    r"vocab_projector)(?:\.(?:linear|decoder))?\.(?:weight|bias)$"
+    r"|^output\.weight$|^cls\.predictions\.(?:decoder\.)?bias$")
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -278,8 +289,11 @@ class CheckpointReader:
         self.close()
 
 
-def check_compatible(readers: dict[str, CheckpointReader], ignore: Sequence[str] = ()) -> list[str]:
-    """Same tensor names and shapes in every model (names matching an `ignore` regex excepted).
+def check_compatible(readers: dict[str, CheckpointReader], ignore: Sequence[str] = (),
+                     vocab_rows_may_differ: bool = False) -> list[str]:
+    """Same tensor names and shapes in every model (names matching an `ignore` regex excepted);
+    with `vocab_rows_may_differ` (a tokenizer merge remaps them), vocabulary tensors only need the
+    same shape after their first dimension.
 
     Returns the shared names in the first model's storage order; raises CheckpointError naming the
     first differing tensor and the model it differs in."""
@@ -302,9 +316,15 @@ def check_compatible(readers: dict[str, CheckpointReader], ignore: Sequence[str]
             raise CheckpointError(f"tensor {extra!r} is in {label} ({r.folder}) but not in {ref_label}: "
                                   "the models must share one architecture", param=label)
         for n in names:
-            if r.shape(n) != ref.shape(n):
-                raise CheckpointError(f"tensor {n!r} has shape {list(r.shape(n))} in {label} but "
-                                      f"{list(ref.shape(n))} in {ref_label}", param=label)
+            a, b = r.shape(n), ref.shape(n)
+            if a == b or (vocab_rows_may_differ and VOCAB_TENSOR.search(n) and a[1:] == b[1:] and a):
+                continue
+            hint = ""
+            if VOCAB_TENSOR.search(n) and a[1:] == b[1:] and not vocab_rows_may_differ:
+                hint = (": the vocabularies differ; set `tokenizer: {source: base}` (or union, or a model) to "
+                        "map every model's rows to one vocabulary by token")
+            raise CheckpointError(f"tensor {n!r} has shape {list(a)} in {label} but {list(b)} in {ref_label}{hint}",
+                                  param=label)
     return names
 
 
@@ -450,8 +470,29 @@ def layout_like(reader: CheckpointReader, names: Iterable[str],
     return [TensorSpec(n, reader.shape(n), (dtype_for or {}).get(n, reader.dtype(n))) for n in names]
 
 
-def copy_aux_files(src: str | Path, dst: str | Path, out_dtype: torch.dtype | None = None) -> list[str]:
-    """Copy config.json (with the output dtype recorded), generation config and tokenizer files."""
+def set_depth(doc: dict[str, Any], num_layers: int, layer_types: list[Any] | None = None) -> None:
+    """Record a new block count in a config (layer slices stack a model of another depth): the key
+    the config has (in `text_config` for multimodal configs), and its per-block `layer_types`.
+    Raises CheckpointError when the config has no layer count to change."""
+    for d in (doc, doc.get("text_config")):
+        if isinstance(d, dict) and (key := next((k for k in layers.DEPTH_KEYS if isinstance(d.get(k), int)), None)):
+            d[key] = num_layers
+            if isinstance(d.get("layer_types"), list):
+                if layer_types is None:
+                    d.pop("layer_types")  # transformers rebuilds it from the depth
+                else:
+                    d["layer_types"] = list(layer_types)
+            return
+    raise CheckpointError(f"config.json has no layer count ({', '.join(layers.DEPTH_KEYS)}) to set to {num_layers}",
+                          param="slices")
+
+
+def copy_aux_files(src: str | Path, dst: str | Path, out_dtype: torch.dtype | None = None, *,
+                   vocab_size: int | None = None, tokenizer_files: bool = True, num_layers: int | None = None,
+                   layer_types: list[Any] | None = None) -> list[str]:
+    """Copy config.json (with the output dtype, and `vocab_size` when a tokenizer merge changed it,
+    recorded), generation config and, unless `tokenizer_files` is False (a merged tokenizer is
+    written instead), the tokenizer files."""
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     copied = []
@@ -464,10 +505,16 @@ def copy_aux_files(src: str | Path, dst: str | Path, out_dtype: torch.dtype | No
         if out_dtype is not None and isinstance(doc, dict):
             # transformers <4.56 reads torch_dtype, newer versions read dtype
             doc["torch_dtype"] = doc["dtype"] = dtype_name(out_dtype)
+        if vocab_size is not None and isinstance(doc, dict):
+            text = doc.get("text_config")  # multimodal configs (Gemma 3) keep it there
+            where = text if "vocab_size" not in doc and isinstance(text, dict) and "vocab_size" in text else doc
+            where["vocab_size"] = vocab_size
+        if num_layers is not None and isinstance(doc, dict):
+            set_depth(doc, num_layers, layer_types)
         (dst / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
         copied.append("config.json")
     for fn in AUX_FILES:
-        if (src / fn).is_file():
+        if (tokenizer_files or fn not in TOKENIZER_FILES) and (src / fn).is_file():
             shutil.copyfile(src / fn, dst / fn)
             copied.append(fn)
     return copied

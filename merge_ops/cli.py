@@ -1,4 +1,5 @@
-"""`alloy merge` and `alloy methods`: merging on this machine, no service needed."""
+"""`alloy merge`, `alloy eval`, `alloy methods`, `alloy plan`, `alloy extract-lora`: on this machine,
+no service needed."""
 
 from __future__ import annotations
 
@@ -53,6 +54,44 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="List the merge methods, or describe one in detail.")
     ls.add_argument("name", nargs="?", help="show only this method")
     ls.set_defaults(func=cmd_methods)
+
+    xl = sub.add_parser(
+        "extract-lora", help="write the difference MERGED - BASE as a PEFT LoRA adapter",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Extract a LoRA adapter from MERGED - BASE.\n\n"
+        "For every Linear, Conv1D and Embedding weight that differs, the difference D is factored by SVD and\n"
+        "truncated to --rank (the best approximation of that rank), and written as a PEFT adapter\n"
+        "(adapter_config.json + adapter_model.safetensors) that peft.PeftModel.from_pretrained(model, OUT)\n"
+        "loads. OUT/alloy_extract.json lists each module's rank and truncation error ||D - BA||_F, and the\n"
+        "changed tensors a LoRA cannot hold (norms, biases), which are left out with a warning.\n"
+        "Tensors are read one at a time; bad input exits with status 2.",
+        epilog="example:\n  alloy extract-lora ./merged --base meta-llama/Llama-3.2-1B --rank 32 --out ./merged-lora\n"
+        "models: local folders or hub ids org/name@revision; either may be model+adapter",
+    )
+    xl.add_argument("model", metavar="MERGED", help="the fine-tuned or merged model")
+    xl.add_argument("--base", required=True, help="the model the adapter will be applied to")
+    xl.add_argument("--rank", type=int, required=True, help="LoRA rank r (a smaller module keeps its own rank)")
+    xl.add_argument("--out", type=Path, default=None,
+                    help="output folder, created; must be empty (default: ./<MERGED name>-lora-r<RANK>)")
+    xl.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    xl.set_defaults(func=cmd_extract_lora)
+
+    ma = sub.add_parser(
+        "merge-adapters", help="merge LoRA adapters of one base into one adapter (PEFT's svd, cat, ties_svd)",
+        description="Combine PEFT LoRA adapters of one base model into a new adapter, as PEFT's "
+        "add_weighted_adapter does, without loading the model: cat (exact, rank = sum of ranks), svd (the "
+        "weighted sum of the deltas truncated to --rank) or ties_svd (TIES of the deltas with --density, then "
+        "svd). The result loads with peft.PeftModel.from_pretrained.",
+    )
+    ma.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter folders or hub ids (two or more)")
+    ma.add_argument("--weights", nargs="+", type=float, required=True, help="one weight per adapter (may be negative)")
+    ma.add_argument("--method", choices=("svd", "cat", "ties_svd"), default="svd", help="combination (default svd)")
+    ma.add_argument("--rank", type=int, default=None, help="svd rank (default: the largest adapter rank)")
+    ma.add_argument("--density", type=float, default=None, help="ties_svd: fraction of each delta's entries kept")
+    ma.add_argument("--majority-sign", choices=("total", "frequency"), default="total",
+                    help="ties_svd: elect the sign from the sum (total) or the count (frequency) of the entries")
+    ma.add_argument("--out", type=Path, required=True, help="output folder, created; must be empty")
+    ma.set_defaults(func=cmd_merge_adapters)
 
     pl = sub.add_parser("plan", help="predict the peak memory of a learned merge (no weights are read)",
                         description="Print the memory plan of the learned merge in SPEC: peak device and "
@@ -173,12 +212,58 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise InputError(f"--sets: {e}") from None
     model = resolve(args.model)
     bars = _Bars(args.json)
-    try:
-        merged, _ = run_evaluation(model.path, spec, load_sets(paths, spec), device=args.device,
+    try:  # a model with a LoRA adapter is scored as base + adapter, applied in memory
+        merged, _ = run_evaluation(model if model.adapter is not None else model.path, spec, load_sets(paths, spec), device=args.device,
                                    merged_commit=model.commit, channel=bars)
     finally:
         bars.close()
     print(json.dumps(merged.to_dict(), indent=2) if args.json else merged.table())
+    return 0
+
+
+def cmd_extract_lora(args: argparse.Namespace) -> int:
+    from merge_ops.errors import InputError
+    from merge_ops.lora.extract import SUMMARY, extract_lora
+    from merge_ops.sources import resolve
+    from merge_ops.spec import _default_name
+
+    if args.rank < 1:
+        raise InputError(f"--rank must be at least 1, got {args.rank}", param="rank")
+    out = args.out or Path(f"{_default_name(args.model)}-lora-r{args.rank}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"--out {out}: the folder is not empty; choose a new one", param="out")
+    base = resolve(args.base)
+    merged = resolve(args.model)
+    bars = _Bars(args.quiet)
+    try:
+        res = extract_lora(merged, base, args.rank, out, base_name=args.base, channel=bars)
+    finally:
+        bars.close()
+    print(f"extracted {len(res.modules)} module(s) at rank <= {args.rank} into {out} "
+          f"(largest relative truncation error {res.max_relative_error():.3g}; details in {out / SUMMARY})")
+    if res.left_out:
+        worst = max(res.left_out.values())
+        print(f"warning: {len(res.left_out)} changed tensor(s) a LoRA cannot hold were left out (norms, biases; "
+              f"largest change {worst:.3g}): listed in {SUMMARY}", file=sys.stderr)
+    return 0
+
+
+def cmd_merge_adapters(args: argparse.Namespace) -> int:
+    from merge_ops.errors import InputError
+    from merge_ops.lora.combine import merge_adapters
+    from merge_ops.lora.config import is_adapter_folder
+    from merge_ops.sources import resolve
+
+    folders = []
+    for ref in args.adapters:
+        m = resolve(ref, adapter_alone=True)
+        if m.adapter is not None or not is_adapter_folder(m.path):
+            raise InputError(f"{ref!r} is not a LoRA adapter folder (adapter_config.json + adapter_model.safetensors)",
+                             param="adapters")
+        folders.append(m.path)
+    cfg = merge_adapters(folders, args.weights, args.out, method=args.method, rank=args.rank, density=args.density,
+                         sign_method=args.majority_sign)
+    print(f"merged {len(folders)} adapters ({args.method}) into {args.out}: rank {cfg['r']}")
     return 0
 
 

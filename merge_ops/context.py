@@ -79,6 +79,9 @@ class ResolvedModel:
     repo_id: str | None = None
     revision: str | None = None  # as asked (branch/tag/commit), None for local folders
     commit: str | None = None  # the resolved commit sha (hub) or a content fingerprint (local)
+    # a LoRA adapter folder applied to the model at `path` (lora/reader.py); its weights are read
+    # through lora.reader.open_checkpoint, never from `path` alone
+    adapter: Path | None = None
 
 
 @dataclass

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+# config keys of the block count, by model family (Llama/BERT/..., GPT-2, T5-style)
+DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 _INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
@@ -18,6 +20,25 @@ def layer_index(name: str) -> int | None:
     """Block index of a tensor name, or None for tensors outside the repeated blocks."""
     m = _INDEX.search(name)
     return int(m.group(1)) if m else None
+
+
+def with_index(name: str, i: int) -> str:
+    """`name` with its block index replaced by i (`model.layers.3.mlp.up_proj.weight`, 7 ->
+    `model.layers.7.mlp.up_proj.weight`); other numbers in the name (expert ids) are kept."""
+    m = _INDEX.search(name)
+    if m is None:
+        raise ValueError(f"tensor {name!r} is not in a block")
+    return name[:m.start(1)] + str(i) + name[m.end(1):]
+
+
+# tensors before the blocks (mergekit's `pre_weights`): token and position embeddings
+_BEFORE = re.compile(r"(?:^|\.)(?:embed(?!_out)[a-z_]*|wte|wpe|embeddings|word_embeddings|tok_embeddings)(?:\.|$)")
+
+
+def before_blocks(name: str) -> bool:
+    """A tensor outside the blocks that precedes them (embeddings), not one after them (final norm,
+    head). Layer slices take the first from the first slice's sources, the second from the last's."""
+    return layer_index(name) is None and bool(_BEFORE.search(name))
 
 
 def num_layers(names: Iterable[str]) -> int:

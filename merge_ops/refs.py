@@ -2,6 +2,8 @@
 
     /abs/path, ./rel, ../rel, ~/x, file:///abs    a local folder
     org/name, org/name@revision                     a hub repo (revision: branch, tag or commit)
+    model+adapter                                   a PEFT LoRA adapter applied to a model (mergekit's
+                                                    syntax; each side is one of the above)
 
 `sources.py` turns a ModelRef into a local folder and a resolved commit.
 """
@@ -50,6 +52,25 @@ class ModelRef:
 
     def __str__(self) -> str:
         return self.raw
+
+
+def split_adapter_ref(s: str) -> tuple[str, str | None]:
+    """mergekit's `model+adapter` (a LoRA applied to a model) as (model, adapter); (s, None) without '+'.
+
+    As mergekit, any '+' splits: a local folder whose name holds '+' cannot be named directly."""
+    parts = s.split("+")
+    if len(parts) == 1:
+        return s, None
+    if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
+        raise SpecError(f"{s!r}: write a model with a LoRA adapter as model+adapter (one '+', e.g. "
+                        "org/base+org/my-lora or /models/base+/adapters/code)")
+    return parts[0].strip(), parts[1].strip()
+
+
+def ref_parts(s: str) -> list[str]:
+    """The refs `s` names: itself, or a model and its adapter."""
+    model, adapter = split_adapter_ref(s)
+    return [model] if adapter is None else [model, adapter]
 
 
 def parse_model_ref(s: str) -> ModelRef:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from merge_ops.calibration import SET_ID, calibration_files
+from merge_ops.calibration import SET_ID, calibration_files, check_calibration
 from merge_ops.context import SILENT, Channel, JobContext, MethodResult, ResolvedModel, report
 from merge_ops.errors import InputError
 from merge_ops.evaluation.gates import Rejected
@@ -59,8 +59,10 @@ def resolve_inputs(spec: MergeSpec, opts: ResolveOptions, channel: Channel | Non
     out: list[ResolvedModel] = []
     for i, ref in enumerate(refs):
         report(channel, "resolve", i, len(refs))
+        # an expert given as a LoRA adapter alone is applied to the base (resolved first)
+        lora_base = out[0] if spec.base and i > 0 else None
         out.append(resolve(ref, token=opts.token, endpoint=opts.endpoint, cache_dir=opts.cache_dir,
-                           allowed_roots=opts.allowed_roots))
+                           allowed_roots=opts.allowed_roots, lora_base=lora_base))
     report(channel, "resolve", len(refs), len(refs))
     return (out[0], out[1:]) if spec.base else (None, out)
 
@@ -94,13 +96,14 @@ def run_merge(
     cal = calibration_files(spec, find_calibration_set)
     eval_sets = load_evaluation_sets(spec, find_calibration_set)  # before any download: fail fast
     base, experts = resolve_inputs(spec, resolve_options or ResolveOptions(), channel)
+    check_rows_against_model(spec, cal, base, experts)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         ctx = JobContext(spec=spec, base=base, experts=experts, out_dir=tmp, device=device,
                          calibration=cal, channel=channel, job_id=job_id)
         ctx.check_cancel()
-        result = run_method(ctx)
+        result = run_method(ctx, eval_sets)
         evaluation = None
         if spec.evaluate is not None:
             evaluation = evaluate_stage(tmp, spec, eval_sets, base, experts, device=device, channel=channel,
@@ -116,6 +119,22 @@ def run_merge(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return MergeOutcome(out_dir, base, experts, result, time.perf_counter() - t0, evaluation=evaluation)
+
+
+def check_rows_against_model(spec: MergeSpec, cal: dict[str, Path], base: ResolvedModel | None,
+                             experts: list[ResolvedModel]) -> None:
+    """The calibration rows against the model that reads them (the base; OT: the anchor), now that
+    its files are on disk: a hub model's vocabulary and tokenizer are unknown at submit, and a token
+    id past the embedding table would otherwise end the job in an IndexError mid-learning."""
+    if not cal:
+        return
+    if spec.method_def().kind == "ot":
+        anchor = int(spec.global_param("anchor") or 0)
+        model = experts[anchor] if anchor < len(experts) else None
+    else:
+        model = base
+    if model is not None:
+        check_calibration(spec, cal, model_folder=model.path)
 
 
 def evaluation_files(spec: MergeSpec, find_set: Callable[[str], Path | None] | None = None) -> dict[str, Path]:
@@ -218,15 +237,18 @@ def raise_if_rejected(outcome: MergeOutcome) -> None:
                        report=gates)
 
 
-def run_method(ctx: JobContext) -> MethodResult:
+def run_method(ctx: JobContext, eval_sets: dict | None = None) -> MethodResult:
     """Run the spec's method on resolved inputs: static methods through the streaming driver, learned
-    ones through the learned driver, OT fusion through its own `run`."""
+    ones through the learned driver, OT fusion through its own `run`. With the spec's evaluation sets,
+    TSV-M/Iso-C/Iso-CTS without an explicit `alpha` choose it on their labelled rows (alpha_select.py)."""
     from merge_ops.methods import implementation
 
     m = ctx.spec.method_def()
     if m.kind == "static":
-        from merge_ops.static import driver
+        from merge_ops.static import alpha_select, driver
 
+        if alpha_select.applies(ctx, eval_sets):
+            return alpha_select.run(ctx, eval_sets or {})
         return driver.run(ctx)
     module = implementation(m)
     if m.kind == "learned":

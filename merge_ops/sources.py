@@ -2,6 +2,8 @@
 
     ./models/code, /abs/path, file:///abs   a local folder holding safetensors
     org/name, org/name@revision             a hub repo, downloaded with huggingface_hub
+    model+adapter                           a PEFT LoRA adapter (folder or hub repo) applied to a model
+    an adapter alone                        an expert: applied to the spec's base (`lora_base`)
 
 Hub downloads are pinned: the revision is resolved to a commit sha first and that exact commit is
 downloaded, so the recorded commit is the one that was merged even if the branch moves meanwhile.
@@ -12,6 +14,7 @@ Only safetensors, JSON and tokenizer files are fetched; pickled weights (.bin/.p
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import struct
@@ -19,7 +22,17 @@ from pathlib import Path
 
 from merge_ops.context import ResolvedModel
 from merge_ops.errors import PICKLE_SUFFIXES, AlloyError, CheckpointError, InputError, pickle_refusal
-from merge_ops.refs import ModelRef, parse_model_ref
+from merge_ops.lora.config import (
+    ADAPTER_CONFIG,
+    base_mismatch,
+    check_adapter_files,
+    check_adapter_folder,
+    is_adapter_folder,
+    is_adapter_listing,
+)
+from merge_ops.refs import ModelRef, parse_model_ref, split_adapter_ref
+
+log = logging.getLogger(__name__)
 
 # What a merge needs from a repo: weights (safetensors only), configs, tokenizer files.
 HUB_ALLOW_PATTERNS = [
@@ -31,17 +44,63 @@ _MAX_HEADER = 100_000_000  # safetensors' own header limit
 
 
 def resolve(ref: str, *, token: str | None = None, endpoint: str | None = None,
-            cache_dir: str | Path | None = None, allowed_roots: list[Path] | None = None) -> ResolvedModel:
-    """A local folder or a hub repo as a ResolvedModel with its commit (hub sha or local fingerprint)."""
-    r = parse_model_ref(ref)
-    if r.is_local:
-        return _resolve_local(r, allowed_roots)
-    return _resolve_hub(r, token=token, endpoint=endpoint, cache_dir=cache_dir)
+            cache_dir: str | Path | None = None, allowed_roots: list[Path] | None = None,
+            lora_base: ResolvedModel | None = None, adapter_alone: bool = False) -> ResolvedModel:
+    """A local folder or a hub repo as a ResolvedModel with its commit (hub sha or local fingerprint).
+
+    A LoRA adapter comes back as the model it is applied to (`path`: that model's folder, `adapter`:
+    the adapter's, `commit`: "<model commit>+<adapter commit>"): written `model+adapter`, or alone when
+    `lora_base` (the spec's base) is given. Adapter folders pass the same root and link checks.
+    `adapter_alone`: a bare adapter comes back as its own folder (for adapter-level tools)."""
+    def one(x: str) -> ResolvedModel:
+        r = parse_model_ref(x)
+        if r.is_local:
+            return _resolve_local(r, allowed_roots)
+        return _resolve_hub(r, token=token, endpoint=endpoint, cache_dir=cache_dir)
+
+    model_ref, adapter_ref = split_adapter_ref(ref)
+    if adapter_ref is not None:
+        model = one(model_ref)
+        if model.adapter is not None or is_adapter_folder(model.path):
+            raise InputError(f"{ref!r}: {model_ref!r} is itself a LoRA adapter; write model+adapter with a "
+                             "model first", param=ref)
+        adapter = one(adapter_ref)
+        if not is_adapter_folder(adapter.path):
+            raise InputError(f"{ref!r}: {adapter_ref!r} is not a PEFT adapter (no {ADAPTER_CONFIG}, or it holds "
+                             "a full model): after '+' give a LoRA adapter folder or hub repo", param=ref)
+        return _with_adapter(ref, model, adapter)
+    m = one(ref)
+    if not is_adapter_folder(m.path) or adapter_alone:
+        return m
+    if lora_base is None:
+        raise InputError(f"{ref!r} is a LoRA adapter, and there is no base model to apply it to: write it as "
+                         "model+adapter, or set the spec's `base`", param=ref)
+    if lora_base.adapter is not None:
+        raise InputError(f"{ref!r} is a LoRA adapter and the base {lora_base.ref!r} already has one: write this "
+                         "expert as model+adapter with a plain model", param=ref)
+    return _with_adapter(ref, lora_base, m)
+
+
+def _with_adapter(ref: str, model: ResolvedModel, adapter: ResolvedModel) -> ResolvedModel:
+    from merge_ops.lora.reader import check_adapter_fits  # torch: only once an adapter is met
+
+    cfg = check_adapter_fits(model.path, adapter.path, ref)  # every tensor placed, from the headers
+    if (note := base_mismatch(cfg, model.ref)) is not None:
+        log.warning("%s: %s", ref, note)
+    hub = model.repo_id is not None and adapter.repo_id is not None
+    return ResolvedModel(ref=ref, path=model.path, repo_id=adapter.repo_id if hub else None,
+                         revision=adapter.revision if hub else None, commit=f"{model.commit}+{adapter.commit}",
+                         adapter=adapter.path)
 
 
 def head_commit(ref: str, *, token: str | None = None, endpoint: str | None = None,
                 allowed_roots: list[Path] | None = None) -> str:
-    """The commit `ref` points at now, without downloading weights (for on-new-revision polling)."""
+    """The commit `ref` points at now, without downloading weights (for on-new-revision polling);
+    "<model>+<adapter>" for a model with an adapter."""
+    model_ref, adapter_ref = split_adapter_ref(ref)
+    if adapter_ref is not None:
+        return "+".join(head_commit(x, token=token, endpoint=endpoint, allowed_roots=allowed_roots)
+                        for x in (model_ref, adapter_ref))
     r = parse_model_ref(ref)
     if r.is_local:
         return _resolve_local(r, allowed_roots).commit or ""
@@ -63,7 +122,10 @@ def _resolve_local(r: ModelRef, allowed_roots: list[Path] | None) -> ResolvedMod
         raise CheckpointError(f"model folder {r.raw!r} does not exist (or is not a folder)", param=r.raw)
     if allowed_roots is not None:
         check_links(path, roots, r.raw)
-    check_weights(path, r.raw)
+    if is_adapter_folder(path):
+        check_adapter_folder(path, r.raw)
+    else:
+        check_weights(path, r.raw)
     return ResolvedModel(ref=r.raw, path=path, commit=local_fingerprint(path))
 
 
@@ -111,9 +173,10 @@ def local_fingerprint(folder: Path) -> str:
     cryptographic hash of the content).
     """
     h = hashlib.sha256()
-    cfg = folder / "config.json"
-    if cfg.is_file():
-        h.update(b"config.json\0" + cfg.read_bytes())
+    for name in ("config.json", ADAPTER_CONFIG):  # an adapter's alpha and rank change its weights too
+        cfg = folder / name
+        if cfg.is_file():
+            h.update(name.encode() + b"\0" + cfg.read_bytes())
     for f in sorted(folder.glob("*.safetensors")):
         size = f.stat().st_size
         h.update(f"{f.name}\0{size}\0".encode())
@@ -165,7 +228,9 @@ def _resolve_hub(r: ModelRef, *, token: str | None, endpoint: str | None,
 
     sha, files = _hub_info(r, token=token, endpoint=endpoint)
     top = [f for f in files if "/" not in f]
-    if not any(f.endswith(".safetensors") for f in top):
+    if is_adapter_listing(top):  # a PEFT adapter: its safetensors weights, never adapter_model.bin
+        check_adapter_files(top, f"hub repo {r.repo_id}@{r.revision or 'main'} (commit {sha[:12]})")
+    elif not any(f.endswith(".safetensors") for f in top):
         where = f"hub repo {r.repo_id}@{r.revision or 'main'} (commit {sha[:12]})"
         pickles = [f for f in top if f.endswith(PICKLE_SUFFIXES)]
         if pickles:
@@ -179,6 +244,8 @@ def _resolve_hub(r: ModelRef, *, token: str | None, endpoint: str | None,
                                    allow_patterns=HUB_ALLOW_PATTERNS)
     except Exception as e:
         raise hub_error(e, r, endpoint, token) from None
+    if is_adapter_folder(Path(folder)):
+        check_adapter_folder(Path(folder), r.raw)
     return ResolvedModel(ref=r.raw, path=Path(folder), repo_id=r.repo_id, revision=r.revision or "main",
                          commit=sha)
 

@@ -12,6 +12,8 @@
     calibration:                        # learned methods and activation-based OT fusion
       tasks: {code: ./calib/code.jsonl} # expert name -> JSONL file or calibration-set id
     publish: {repo: team/merged}        # optional
+    tokenizer: {source: union}          # optional: output vocabulary (merge_ops/tokenizer_spec.py)
+    chat_template: chatml               # optional
     seed: 0
 
 Validation is complete when a spec is built, and nothing else validates it again: unknown method or
@@ -44,7 +46,9 @@ from merge_ops.declare import MethodDef
 from merge_ops.errors import SpecError
 from merge_ops.evaluation.declarations import EvaluateSpec, GateRule, validate_evaluation
 from merge_ops.methods import MERGEKIT_NAMES, METHODS
-from merge_ops.refs import CONTROL, check_ref_name, is_repo_id, parse_model_ref
+from merge_ops.refs import CONTROL, check_ref_name, is_repo_id, parse_model_ref, ref_parts
+from merge_ops.slices_spec import SliceSpec, check_local_ranges, check_slices, slices_from_mergekit
+from merge_ops.tokenizer_spec import TokenizerSpec, check_tokenizer_fields, tokenizer_from_mergekit
 
 DType = Literal["float32", "bfloat16", "float16", "float64"]
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
@@ -72,7 +76,8 @@ class _Strict(BaseModel):
 
 
 class ExpertSpec(_Strict):
-    model: Ref = Field(description="local folder or hub id org/name@revision")
+    model: Ref = Field(description="local folder or hub id org/name@revision; a PEFT LoRA adapter as "
+                                   "model+adapter, or the adapter alone (applied to `base`)")
     name: str | None = Field(None, max_length=64, description="task name (defaults to the folder or repo name)")
     parameters: dict[str, Any] = Field(default_factory=dict, max_length=MAX_PARAMETERS)
 
@@ -144,6 +149,14 @@ class MergeSpec(_Strict):
                                                    "job `rejected` and publishes nothing")
     shard_size: str = Field("2GB", max_length=32)
     seed: int = Field(0, ge=0, le=2**32 - 1)
+    tokenizer: TokenizerSpec | None = Field(
+        None, description="output vocabulary (base | union | a merged model) and per-token embedding sources; "
+                          "none: the base's tokenizer files, copied")
+    slices: list[SliceSpec] | None = Field(
+        None, description="output layers stacked from layer ranges of the merged models (mergekit `slices`): "
+                          "see merge_ops/slices_spec.py")
+    chat_template: Annotated[str, StringConstraints(max_length=65536)] | None = Field(
+        None, description="alpaca | chatml | exaone | llama3 | mistral | auto | a Jinja template")
 
     @field_validator("name")
     @classmethod
@@ -181,12 +194,13 @@ class MergeSpec(_Strict):
         m = METHODS.get(self.method)
         if m is None:
             raise ValueError(f"unknown method {self.method!r}; known: {', '.join(sorted(METHODS))}")
-        if m.needs_base and self.base is None:
+        sliced = self.slices is not None  # counts, base and required parameters are checked per slice
+        if m.needs_base and self.base is None and not sliced:
             raise ValueError(f"method {m.name} needs a base model: set `base`")
         n = len(self.experts)
-        if n < m.min_experts:
+        if n < m.min_experts and not sliced:
             raise ValueError(f"method {m.name} needs at least {m.min_experts} expert(s), got {n}")
-        if m.max_experts is not None and n > m.max_experts:
+        if m.max_experts is not None and n > m.max_experts and not sliced:
             raise ValueError(f"method {m.name} takes at most {m.max_experts} expert(s), got {n}")
         refs = [e.model for e in self.experts]
         dup = next((r for r in refs if refs.count(r) > 1), None)
@@ -205,7 +219,7 @@ class MergeSpec(_Strict):
         for i, e in enumerate(self.experts):
             _check_params(m, e.parameters, where=f"experts[{i}].parameters", model_only=True)
         for p in m.params:
-            if p.required and p.name not in self.parameters and not all(
+            if p.required and not sliced and p.name not in self.parameters and not all(
                     p.name in e.parameters for e in self.experts):
                 raise ValueError(f"method {m.name} needs parameter {p.name!r} ({p.help})")
         self._check_calibration(m, names)
@@ -213,7 +227,12 @@ class MergeSpec(_Strict):
         if self.publish is None and any(r.not_worse_than_published for r in self.publish_if or []):
             raise ValueError("publish_if: not_worse_than_published compares with the published revision: "
                              "add `publish: {repo: ...}`")
-        if m.check is not None:
+        check_tokenizer_fields(self)
+        if sliced:
+            if m.kind != "static":
+                raise ValueError(f"slices: method {m.name} is {m.kind}; slices stack layers in the static driver")
+            check_slices(self, _check_params)
+        elif m.check is not None:  # a method's cross-field rules read `experts`; a sliced spec's are per slice
             m.check(self)
         return self
 
@@ -273,14 +292,15 @@ class MergeSpec(_Strict):
 def _valid_ref(v: str) -> str:
     # pydantic reports ValueErrors as field errors (a 422 in the API); a SpecError would escape it
     try:
-        parse_model_ref(v)
+        for part in ref_parts(v):  # `model+adapter`: a LoRA adapter applied to a model (mergekit's syntax)
+            parse_model_ref(part)
     except SpecError as e:
         raise ValueError(e.message) from None
     return v
 
 
 def _default_name(ref: str) -> str:
-    r = parse_model_ref(ref)
+    r = parse_model_ref(ref_parts(ref)[-1])  # a model with an adapter is named for the adapter
     base = (r.repo_id or r.local_path or ref).rstrip("/").split("/")[-1]
     return re.sub(r"[^A-Za-z0-9_.-]", "_", base)[:64] or "expert"
 
@@ -299,23 +319,7 @@ def _check_params(m: MethodDef, values: dict[str, Any], *, where: str, model_onl
 
 # -- mergekit YAML ------------------------------------------------------------------------------
 _MERGEKIT_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-                  "slices", "tokenizer_source", "tokenizer", "chat_template", "name"}
-
-
-def _refuse_tokenizer_settings(doc: dict[str, Any]) -> None:
-    """Alloy writes the base's tokenizer (the first model's without a base), which is mergekit's
-    `tokenizer_source: base`; every other tokenizer setting would change the model, so it is refused
-    rather than dropped."""
-    source = doc.get("tokenizer_source")
-    if source is not None and not (source == "base" and doc.get("base_model") is not None):
-        raise SpecError(f"mergekit tokenizer_source: {source!r} is not supported yet: Alloy keeps the base "
-                        "model's tokenizer and vocabulary (tokenizer_source: base, with a base_model); remove "
-                        "the setting or merge with mergekit", param="tokenizer_source")
-    for key in ("tokenizer", "chat_template"):
-        if doc.get(key) is not None:
-            raise SpecError(f"mergekit `{key}` is not supported yet: Alloy keeps the base model's tokenizer files "
-                            f"unchanged; remove `{key}` (set a chat template in tokenizer_config.json after "
-                            "merging)", param=key)
+                  "slices", "modules", "tokenizer_source", "tokenizer", "chat_template", "name"}
 
 
 def from_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
@@ -323,16 +327,18 @@ def from_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
     unknown = set(doc) - _MERGEKIT_KEYS
     if unknown:
         raise SpecError(f"mergekit config has keys Alloy does not read: {sorted(unknown)}")
-    if "slices" in doc:
-        raise SpecError("mergekit `slices` (layer ranges / frankenmerges) are not supported yet: "
-                        "list whole `models:` instead")
-    _refuse_tokenizer_settings(doc)
+    sliced: dict[str, Any] = {}
+    if "slices" in doc or "modules" in doc:  # layer ranges (frankenmerges), or mergekit's `modules`
+        sliced = slices_from_mergekit(doc)
+        if "models" in sliced:  # `modules: {default: {models: ...}}`: a plain models config
+            doc = {k: v for k, v in doc.items() if k != "modules"} | sliced
+            sliced = {}
     method = doc["merge_method"]
     if not isinstance(method, str) or method not in MERGEKIT_NAMES:
         raise SpecError(f"mergekit method {method!r} is not supported; supported: "
                         f"{', '.join(sorted(MERGEKIT_NAMES))}")
     base = doc.get("base_model")
-    models = doc.get("models") or []
+    models = [] if sliced else doc.get("models") or []
     if not isinstance(models, list):
         raise SpecError("mergekit `models` is a list of {model, parameters} entries")
     experts = []
@@ -349,10 +355,15 @@ def from_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
                            "parameters": doc.get("parameters") or {}}
     if base is not None:
         out["base"] = base
+    if sliced:
+        out.pop("base", None)
+        out |= sliced
     for k in ("dtype", "out_dtype", "name"):
         if doc.get(k) is not None:
             out[k] = doc[k]
-    return out
+    if doc.get("dtype") is not None and doc.get("out_dtype") is None:
+        out["out_dtype"] = doc["dtype"]  # mergekit writes its compute dtype when out_dtype is unset
+    return out | tokenizer_from_mergekit(doc)
 
 
 def spec_from_dict(doc: Any) -> MergeSpec:
@@ -382,6 +393,7 @@ def load_spec(path: str | Path) -> MergeSpec:
     p = Path(path)
     spec = _anchor_paths(spec_from_dict(read_yaml(p, "spec file")), p.resolve().parent)
     check_calibration(spec, calibration_files(spec, skip_sets=True))
+    check_local_ranges(spec)  # layer ranges against local models' depth (hub models: at run time)
     return spec
 
 
@@ -396,6 +408,8 @@ def read_yaml(path: Path, what: str) -> Any:
 
 def _anchor_paths(spec: MergeSpec, root: Path) -> MergeSpec:
     def fix(ref: str) -> str:
+        if len(parts := ref_parts(ref)) > 1:
+            return "+".join(fix(x) for x in parts)
         r = parse_model_ref(ref)
         if r.local_path is not None and (r.local_path.startswith(("./", "../")) or r.local_path in (".", "..")):
             return str((root / r.local_path).resolve())
@@ -406,6 +420,24 @@ def _anchor_paths(spec: MergeSpec, root: Path) -> MergeSpec:
         data["base"] = fix(data["base"])
     for e in data["experts"]:
         e["model"] = fix(e["model"])
+    names = set(spec.expert_names())
+    for sl in data.get("slices") or []:  # slice sources name models by ref (anchored alike) or expert name
+        for src in sl["sources"]:
+            src["model"] = src["model"] if src["model"] in names else fix(src["model"])
+        if sl.get("base") and sl["base"] not in names:
+            sl["base"] = fix(sl["base"])
+    if data.get("tokenizer"):  # models named in `tokenizer` are the same refs, anchored the same way
+        tok, names = data["tokenizer"], set(spec.expert_names())
+
+        def fix_model(ref: str) -> str:
+            return ref if ref in names or ref in ("base", "union") else fix(ref)
+
+        tok["source"] = fix_model(tok["source"])
+        for t in tok["tokens"].values():
+            if isinstance(t["source"], str):
+                t["source"] = fix_model(t["source"])
+            elif isinstance(t["source"], dict) and t["source"].get("model"):
+                t["source"]["model"] = fix_model(t["source"]["model"])
     cal = spec.calibration
     if cal is not None:
         data["calibration"]["tasks"] = {

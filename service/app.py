@@ -6,6 +6,7 @@ No torch on any request path: specs are validated with the torch-free merge_ops.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
@@ -25,7 +26,16 @@ from service.metrics import LatencyMiddleware, make_registry
 
 def _celery_enqueue(settings: Settings) -> tuple[EnqueueFn, Callable[[], None]]:
     app = producer(settings)
-    return (lambda job_id, queue: send(job_id, queue, app)), (lambda: warm_up(app))
+    # one send at a time: concurrent sends (wake-ups run after the answer, in the thread pool) each
+    # took a producer from kombu's pool, which opened a new broker connection and channel for them;
+    # serialised, every send reuses the one warm connection
+    lock = threading.Lock()
+
+    def enqueue(job_id: str, queue: str) -> None:
+        with lock:
+            send(job_id, queue, app)
+
+    return enqueue, (lambda: warm_up(app))
 
 
 def create_app(settings: Settings | None = None, *, enqueue: EnqueueFn | None = None) -> FastAPI:

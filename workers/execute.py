@@ -11,11 +11,13 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from jobs.admission import AdmissionError, check_model_sources, publish_problem
 from jobs.queue import GPU
+from jobs.server_paths import PathHider, model_refs
 from jobs.settings import Settings, worker_name
 from jobs.states import CANCELLED, FAILED, REJECTED, SUCCEEDED
 from jobs.store import Store
@@ -126,25 +128,26 @@ def run_job(job_id: str, store: Store, settings: Settings) -> str:
     for old in job_dir.glob("attempt-*") if job_dir.exists() else []:
         shutil.rmtree(old, ignore_errors=True)  # leftovers of an attempt whose worker died
     rep = Reporter(store, job_id, attempt, settings)
+    hide = _path_hider(job.spec, settings, job_dir)
     try:
         with rep:
             result = _run(job.spec, job.tenant, job.queue, job_id, work, rep, store, settings)
     except Rejected as e:  # the publish_if gate: the job ends `rejected` with the table, nothing published
         shutil.rmtree(work, ignore_errors=True)
-        ok = store.finish(job_id, attempt, REJECTED, result=e.report, error_code=e.code,
-                          error_message=redact(e.message, settings))
+        ok = store.finish(job_id, attempt, REJECTED, result=hide(e.report), error_code=e.code,
+                          error_message=hide(redact(e.message, settings)))
         return "rejected" if ok else "fenced"
     except Exception as e:
         shutil.rmtree(work, ignore_errors=True)
         if rep.timed_out and isinstance(e, Cancelled):
             ok = store.finish(job_id, attempt, FAILED, error_code="timeout", error_message=timeout_message(settings))
             return "timeout" if ok else "fenced"
-        return _record_failure(store, settings, job_id, attempt, e)
+        return _record_failure(store, settings, job_id, attempt, e, hide)
     if result["published"] is not None:
         shutil.rmtree(work, ignore_errors=True)  # the hub holds it now; coefficients were copied out
-    else:
-        result["output"] = str((work / "model").resolve())  # unpublished: the only copy stays here
-    if store.finish(job_id, attempt, SUCCEEDED, result=result):
+    else:  # unpublished: the only copy stays here, named relative to the data dir (never its path)
+        result["output"] = (work / "model").relative_to(settings.data_dir).as_posix()
+    if store.finish(job_id, attempt, SUCCEEDED, result=hide(result)):
         log.info("job %s succeeded", job_id)
         return "succeeded"
     return "fenced"
@@ -155,22 +158,29 @@ def timeout_message(settings: Settings) -> str:
             "(ALLOY_JOB_TIMEOUT_SECONDS) and was stopped: use fewer steps or smaller inputs, or ask the operator")
 
 
-def _record_failure(store: Store, settings: Settings, job_id: str, attempt: int, e: Exception) -> str:
+def _path_hider(spec_doc: dict[str, Any], settings: Settings, job_dir: Path) -> Callable[[Any], Any]:
+    """What the job record gets instead of server paths (jobs/server_paths.py)."""
+    return PathHider(model_refs(spec_doc), settings, job_dir).value
+
+
+def _record_failure(store: Store, settings: Settings, job_id: str, attempt: int, e: Exception,
+                    hide: Callable[[Any], Any]) -> str:
     if isinstance(e, Cancelled):
         ok = store.finish(job_id, attempt, CANCELLED, error_code="cancelled",
                           error_message="cancelled on request")
         return "cancelled" if ok else "fenced"
     if isinstance(e, AlloyError):
-        code, msg = e.code, redact(e.message, settings)
+        code, msg = e.code, hide(redact(e.message, settings))
         log.info("job %s failed: %s: %s", job_id, code, msg)
     else:
         log.exception("job %s: unexpected error", job_id, exc_info=e)
-        code, msg = "internal_error", redact(f"unexpected {type(e).__name__} in the worker: {e}", settings)[:2000]
+        code, msg = "internal_error", hide(redact(f"unexpected {type(e).__name__} in the worker: {e}", settings))[:2000]
     return "failed" if store.finish(job_id, attempt, FAILED, error_code=code, error_message=msg) else "fenced"
 
 
 def _run(spec_doc: dict[str, Any], tenant: str, queue: str, job_id: str, work: Path, rep: Reporter,
          store: Store, settings: Settings) -> dict[str, Any]:
+    from merge_ops.card import model_name
     from merge_ops.runner import (  # torch: only in the worker
         ResolveOptions,
         publish_result,
@@ -192,9 +202,14 @@ def _run(spec_doc: dict[str, Any], tenant: str, queue: str, job_id: str, work: P
         target = spec.publish
         published = lambda: published_evaluation(_publisher(spec, tenant, settings),  # noqa: E731
                                                   target.repo, target.branch)
-    outcome = run_merge(spec, work / "model", device=_device(queue), channel=rep, job_id=job_id,
-                        resolve_options=opts, find_calibration_set=_set_finder(store, tenant),
-                        eval_cache_dir=settings.data_dir / "evaluation" / "cache", published_evaluation=published)
+    from merge_ops.learned.launch import ranks, world_for
+
+    device = _device(queue)
+    with ranks(world_for(device)):  # a learned job runs on every GPU the worker owns (launch.py)
+        outcome = run_merge(spec, work / "model", device=device, channel=rep, job_id=job_id,
+                            resolve_options=opts, find_calibration_set=_set_finder(store, tenant),
+                            eval_cache_dir=settings.data_dir / "evaluation" / "cache",
+                            published_evaluation=published)
     if outcome.rejected:
         try:
             raise_if_rejected(outcome)
@@ -204,7 +219,7 @@ def _run(spec_doc: dict[str, Any], tenant: str, queue: str, job_id: str, work: P
             raise
     result: dict[str, Any] = {
         "metrics": _jsonable(outcome.result.metrics),
-        "inputs": [{"ref": m.ref, "commit": m.commit} for m in
+        "inputs": [{"model": model_name(m), "commit": m.commit} for m in  # hub id or fingerprint name
                    ([outcome.base] if outcome.base else []) + outcome.experts],
         "artifacts": _keep_artifacts(outcome.out_dir, outcome.result.artifacts, work.parent),
         "published": None,
@@ -218,6 +233,8 @@ def _run(spec_doc: dict[str, Any], tenant: str, queue: str, job_id: str, work: P
         ref = publish_result(outcome, spec, _publisher(spec, tenant, settings), job_id=job_id)
         result["published"] = _jsonable(dataclasses.asdict(ref) if dataclasses.is_dataclass(ref)
                                         else dict(vars(ref)))
+        if str(result["published"].get("url") or "").startswith("file:"):  # the local hub's folder
+            result["published"]["url"] = None
     return result
 
 

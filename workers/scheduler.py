@@ -47,7 +47,7 @@ from typing import Any
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from jobs.admission import AdmissionError, check_admission
+from jobs.admission import AdmissionError, check_admission, quota_used
 from jobs.models import Schedule, ScheduleRun
 from jobs.queue import EnqueueFn, producer, queue_for, send, wake
 from jobs.schedule_store import ScheduleStore, job_key
@@ -75,6 +75,11 @@ from workers.process import run_until_signalled
 
 log = logging.getLogger("alloy.scheduler")
 
+# what happens to a run refused for the tenant's job quota, by the kind of its run key
+QUOTA_NEXT = {"due": "this due time is skipped; the schedule runs again at its next due time",
+              "manual": "the run-now request is dropped: ask again once jobs have finished",
+              "inputs": "deferred: the run is made at the first evaluation under the limit",
+              "retry": "deferred: the retry is made at the first evaluation under the limit"}
 HeadFn = Callable[[str, str], str]  # (model ref, tenant) -> the commit it points at now
 TagsFn = Callable[[dict[str, Any], str], set[str]]  # (spec's publish target, tenant) -> tags on the repo
 
@@ -106,7 +111,7 @@ class Outcome:
     """What one tick did with one schedule (for logs and tests)."""
 
     schedule_id: str
-    status: str  # submitted | skipped | failed | unchanged | error | settled
+    status: str  # submitted | skipped | deferred | failed | unchanged | error | settled
     run: ScheduleRun | None = None
     detail: str = ""
 
@@ -185,7 +190,7 @@ class Scheduler:
             out.append(outcome)
         self.schedules.prune_skipped(t - timedelta(seconds=self.cfg.skipped_retention_seconds))
         for o in out:
-            if o.status != "unchanged":
+            if o.status != "unchanged" and not (o.status == "deferred" and o.run is None):  # logged once
                 log.info("schedule %s: %s %s", o.schedule_id, o.status, o.detail)
         return out
 
@@ -333,12 +338,29 @@ class Scheduler:
                                 f"{format_validation_error(e)}", moved, inputs=inputs)
         except AdmissionError as e:
             return self._record(sch, key, due, "failed", e.message, moved, inputs=inputs)
+        if (used := quota_used(self.store, self.settings, sch.tenant)) is not None:
+            return self._over_quota(sch, key, due, used, moved, inputs)
         run = self.schedules.record_run(self.schedules.new_run(
             sch, run_key=key, n=n, status="pending", reason=reason, due_at=due, inputs=inputs, changes=moved,
             spec=spec.model_dump(mode="json"), tag=tag, scheduler=self.owner, **extra))
         if run is None:
             return Outcome(sch.id, "unchanged", detail=f"run {n} recorded by another scheduler")
         return self._finish_pending(run, sch.tenant, spec)
+
+    def _over_quota(self, sch: Schedule, key: str, due: datetime, used: int, moved: list[dict[str, Any]],
+                    inputs: list[dict[str, Any]]) -> Outcome:
+        """The tenant is at its job quota: no job. A cron due time or a run-now request is recorded as
+        skipped (the next due time runs); a new revision or a retry is deferred: recorded once as
+        skipped (key `<run key>:quota`) and tried again at every evaluation until the quota allows it."""
+        kind = key.split(":", 1)[0]
+        then = QUOTA_NEXT.get(kind, QUOTA_NEXT["due"])
+        reason = (f"over quota: tenant {sch.tenant!r} has {used} queued or running jobs, its limit "
+                  f"(ALLOY_MAX_ACTIVE_JOBS_PER_TENANT={self.settings.max_active_jobs_per_tenant}); {then}")
+        deferred = kind in ("inputs", "retry")
+        out = self._record(sch, f"{key}:quota" if deferred else key, due, "skipped", reason, moved, inputs=inputs)
+        if deferred:
+            out.status, out.detail = "deferred", reason
+        return out
 
     # -- outcomes and retries ---------------------------------------------------------------------
     def _settle(self, run: ScheduleRun, job: Any, t: datetime) -> Outcome:
@@ -368,6 +390,8 @@ class Scheduler:
         reason = f"retry {attempt - 1} of {self.cfg.retry_max} of run {run.n} ({why[:500]}){note}"
         outcome = self._create(sch, pinned, n=n, key=key, due=run.due_at, reason=reason, inputs=run.inputs,
                                moved=run.changes, tag=tag, attempt=attempt, retry_of=root)
+        if outcome.status == "deferred":  # over quota: the retry stays due
+            return outcome
         if outcome.run is not None or self.schedules.has_run(sch.id, key):
             self.schedules.clear_retry(run.id)  # done (by us or by another scheduler)
         return outcome

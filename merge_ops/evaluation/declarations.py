@@ -130,6 +130,16 @@ class EvalSetSpec(_Strict):
             raise ValueError("an evaluation set needs a file or an evaluation-set id")
         return v
 
+    @field_validator("head")
+    @classmethod
+    def _head_name(cls, v: str | None) -> str | None:
+        # a name under the merged model's heads/, never a path: the worker would read it from anywhere
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", v) or (v or "").endswith(
+                ".safetensors"):
+            raise ValueError(f"head {v!r} must be the name of a task head (heads/<name>.safetensors in the "
+                             "merged model), not a path")
+        return v
+
 
 class EvaluateSpec(_Strict):
     sets: dict[str, str | EvalSetSpec] = Field(

@@ -56,15 +56,19 @@ class _Loaded:
     device: torch.device
     max_positions: int | None = None
     encoder: object | None = None  # learned.adapters.EncoderClassifier around the model (encoders)
+    source: ResolvedModel | None = None  # a model with a LoRA adapter: its weights are read through it
 
 
-def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: str = "float32") -> _Loaded:
-    """The folder's model (a *ForCausalLM, else the bare encoder) and its tokenizer, for scoring."""
+def load_model(model_dir: str | Path | ResolvedModel, *, device: str | torch.device = "cpu",
+               dtype: str = "float32") -> _Loaded:
+    """The folder's model (a *ForCausalLM, else the bare encoder) and its tokenizer, for scoring; a
+    resolved model with a LoRA adapter is its base with the adapter's tensors applied in memory."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     from merge_ops.sources import check_weights
 
-    folder = Path(model_dir)
+    source = model_dir if getattr(model_dir, "adapter", None) is not None else None
+    folder = Path(getattr(model_dir, "path", model_dir))
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{folder} has no config.json: evaluation needs the architecture", param=str(folder))
@@ -77,6 +81,10 @@ def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu", dty
                                     trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"transformers cannot load {folder}: {e}", param=str(folder)) from None
+    if source is not None:
+        from merge_ops.lora.reader import apply_adapter
+
+        apply_adapter(model, source)
     dev = torch.device(device)
     model = model.to(dev).eval()
     if causal:  # generate() fills unset fields from the folder's generation config (sampling,
@@ -99,7 +107,7 @@ def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu", dty
     pad = pad if pad is not None else (eos if eos is not None else 0)
     positions = getattr(mcfg, "max_position_embeddings", None)
     loaded = _Loaded(folder, causal, model, tok, vocab, int(pad), eos, dev,
-                     int(positions) if isinstance(positions, int) and positions > 0 else None)
+                     int(positions) if isinstance(positions, int) and positions > 0 else None, source=source)
     if not causal:
         from merge_ops.learned.adapters import EncoderClassifier
 
@@ -297,7 +305,7 @@ def _head(m: _Loaded, name: str, head: str | Path | Mapping[str, torch.Tensor] |
 
     if isinstance(head, Mapping):
         return dict(head)
-    if isinstance(head, Path) or (isinstance(head, str) and head.endswith(".safetensors")):
+    if isinstance(head, Path):  # programmatic callers only; a spec names a head (declarations._head_name)
         return load_file(str(head))
     folder = m.folder / "heads"
     f = folder / f"{head or name}.safetensors"
@@ -307,11 +315,11 @@ def _head(m: _Loaded, name: str, head: str | Path | Mapping[str, torch.Tensor] |
         have = sorted(p.stem for p in folder.glob("*.safetensors"))
         raise EvalSetError(f"set {name!r}: {m.folder} has no task head heads/{f.name} (it has {have})",
                            param=name)
-    from merge_ops.checkpoint import CheckpointReader
+    from merge_ops.lora.reader import open_checkpoint
 
     pats = [re.compile(p) for p in task_specific]
     used = set(m.model.state_dict())
-    with CheckpointReader(m.folder) as r:
+    with open_checkpoint(m.source or m.folder) as r:
         own = {n: r.read(n) for n in r.names()
                if (any(p.search(n) for p in pats) if pats else n not in used)}
     if not own:
@@ -375,14 +383,17 @@ def run_evaluation(merged_dir: str | Path, spec: EvaluateSpec, sets: Mapping[str
         if base is not None:
             on = {n: s for n, s in sets.items() if s.kind != "accuracy"}  # the base has no task heads
             if on:
-                baselines["base"] = ev(base.path, on, model=base.commit, cache=cache, channel=channel, **kw)
+                baselines["base"] = ev(base if base.adapter is not None else base.path, on, model=base.commit,
+                                       cache=cache, channel=channel, **kw)
         by_expert: dict[str, dict[str, EvalSet]] = {}
         for n, e in pairing.items():
             if e is not None and e in experts:
                 by_expert.setdefault(e, {})[n] = sets[n]
         for e, on in by_expert.items():
             r = experts[e]
-            baselines[f"expert:{e}"] = ev(r.path, on, model=r.commit, cache=cache, task_specific=task_specific,
+            # an expert with a LoRA adapter is scored as base + adapter (the ResolvedModel carries both)
+            baselines[f"expert:{e}"] = ev(r if r.adapter is not None else r.path, on, model=r.commit, cache=cache,
+                                          task_specific=task_specific,
                                           channel=channel, **kw)
         per_set = {n: baselines.get(f"expert:{e}") for n, e in pairing.items() if e is not None}
         normalise(merged, baselines.get("base"), per_set)

@@ -81,6 +81,9 @@ def evaluate_with_lm_eval(model_dir: str | Path, sets: Mapping[str, EvalSet], *,
                           timeout: float | None = None) -> EvalResult:
     """Same contract as evaluate.evaluate_model (heads and task_specific are not used: lm-eval has
     no task heads)."""
+    if getattr(model_dir, "adapter", None) is not None:
+        raise InputError(f"evaluate.evaluator lm_eval scores a model folder, and {model_dir.ref!r} has a LoRA adapter: "
+                         "use the built-in evaluator, or set evaluate.baselines: false", param="evaluate.evaluator")
     if not available():
         raise InputError("evaluate.evaluator lm_eval needs EleutherAI's lm-eval: pip install "
                          "'alloy-merge[eval]'", param="evaluate.evaluator")

@@ -20,7 +20,8 @@ outputs; otherwise padded, as given.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from torch.func import functional_call
 
 from merge_ops.errors import CheckpointError, SpecError
 from merge_ops.learned.batches import Batch
+from merge_ops.learned.layouts import CheckpointLayout
 from merge_ops.learned.packing import Packing, pack
 
 
@@ -49,12 +51,17 @@ class Adapter:
         self.dtype = next(module.parameters()).dtype
         for p in module.parameters():
             p.requires_grad_(False)
-        self.names = set(module.state_dict())
+        # checkpoint names the module reads (transformers may lay some out differently: layouts.py)
+        self.layout = CheckpointLayout.of(module)
+        self.names = self.layout.checkpoint_names(set(module.state_dict()))
 
     def bind(self, base: dict[str, torch.Tensor]) -> None:
         """Make the module's own tensors the base's (shared storage: no second copy of the model)."""
-        self.module.load_state_dict({n: t for n, t in base.items() if n in self.names}, strict=False,
-                                    assign=True)
+        own = {n: t for n, t in base.items() if n in self.names}
+        self.layout.remember(own)
+        self.module.load_state_dict(self.layout.to_module(own), strict=False, assign=True)
+        if any(p.is_meta for p in self.module.parameters()) and hasattr(self.module, "tie_weights"):
+            self.module.tie_weights()  # a tied head the checkpoint does not store: the bound embedding
         for p in self.module.parameters():
             p.requires_grad_(False)
 
@@ -64,7 +71,7 @@ class Adapter:
 
     def _call(self, params: dict[str, torch.Tensor], batch: Batch, hidden: bool, packing: Packing | None
               ) -> object:
-        p = {n: t for n, t in params.items() if n in self.names}
+        p = self.layout.to_module({n: t for n, t in params.items() if n in self.names})
         kwargs: dict[str, object] = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                                      "output_hidden_states": hidden}
         if packing is not None:
@@ -163,8 +170,12 @@ def _linear_head(head: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
 
 
 def build_adapter(base_dir: Path, dtype: torch.dtype, device: str | torch.device = "cpu", *,
-                  packing: bool = True) -> Adapter:
-    """CausalLM for configs whose architectures name a *ForCausalLM, else EncoderClassifier."""
+                  packing: bool = True, skeleton: bool = False) -> Adapter:
+    """CausalLM for configs whose architectures name a *ForCausalLM, else EncoderClassifier.
+
+    `skeleton`: the module's parameters are created on the meta device (no memory; buffers such as
+    rotary frequencies are real): `bind` then gives it the tensors it holds and a block streamer
+    (streaming.py) serves the rest."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     cfg_path = base_dir / "config.json"
@@ -173,11 +184,37 @@ def build_adapter(base_dir: Path, dtype: torch.dtype, device: str | torch.device
                               param=str(base_dir))
     archs = json.loads(cfg_path.read_text()).get("architectures") or []
     config = AutoConfig.from_pretrained(str(base_dir))
-    causal = any(a.endswith("ForCausalLM") for a in archs)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    # *ForCausalLM, or another causal-LM class transformers maps (GPT2LMHeadModel, ...)
+    causal = any(a.endswith("ForCausalLM") or a in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for a in archs)
     try:
-        with torch.device(device):
+        with torch.device(device), _params_on_meta() if skeleton else nullcontext():
             module = (AutoModelForCausalLM if causal else AutoModel).from_config(config, dtype=dtype)
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"transformers cannot build the architecture of {base_dir}: {e}",
                               param=str(base_dir)) from None
-    return (CausalLM if causal else EncoderClassifier)(module, packing)
+    adapter = (CausalLM if causal else EncoderClassifier)(module, packing)
+    if skeleton and adapter.layout.built:  # the block streamer runs blocks on module names
+        raise CheckpointError(f"{base_dir}: block-streamed learning cannot run {config.model_type}'s fused MoE "
+                              "experts yet; run it in memory (ALLOY_LEARNED_MODE=in_memory) on a larger device",
+                              param=str(base_dir))
+    return adapter
+
+
+@contextmanager
+def _params_on_meta() -> Iterator[None]:
+    """Every parameter registered meanwhile moves to the meta device (each is allocated for a moment
+    by its module's constructor, one at a time); buffers stay where they are built."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(self: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(self, name, param)
+
+    torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]

@@ -29,11 +29,14 @@ from merge_ops import memory
 from merge_ops.checkpoint import TORCH_DTYPES
 from merge_ops.context import JobContext, MethodResult
 from merge_ops.errors import InputError, SpecError
+from merge_ops.learned import distributed, launch
 from merge_ops.learned import plan as plan_mod
 from merge_ops.learned.adapters import Adapter, EncoderClassifier, build_adapter
 from merge_ops.learned.batches import BatchSampler, IndexSampler, load_calibration
 from merge_ops.learned.engine import FitResult, MergeEngine, MergeInputs, Step, fit, load_merge_inputs
 from merge_ops.learned.outputs import write_outputs
+from merge_ops.learned.store import open_merge_inputs
+from merge_ops.learned.streaming import streamer_for
 from merge_ops.learned.teacher_cache import TeacherCache, build_teacher_cache
 from merge_ops.spec import parse_size
 
@@ -86,7 +89,7 @@ class Session:
         samples now live in the cache only."""
         ctx = self.ctx
         self.cache = build_teacher_cache(
-            self.adapter, {n: e.path for n, e in zip(self.names, ctx.experts, strict=True)}, self.inputs.heads,
+            self.adapter, dict(zip(self.names, ctx.experts, strict=True)), self.inputs.heads,
             self.samples, layers, base=self.inputs.base, batch_size=batch_size, dtype=self.dtype,
             device=ctx.device, channel=ctx.channel)
         self.samples = {}
@@ -109,7 +112,13 @@ class Session:
 
 
 def run(ctx: JobContext, method: ModuleType) -> MethodResult:
-    """Set up, run the method's `learn`, write the outputs."""
+    """Set up, run the method's `learn`, write the outputs; as rank 0 of several when the worker
+    asks for ranks (launch.py: one per GPU it owns)."""
+    with launch.helper_ranks(ctx):
+        return _run(ctx, method)
+
+
+def _run(ctx: JobContext, method: ModuleType) -> MethodResult:
     spec = ctx.spec
     params = ctx.params
     total_steps = method.total_steps(params) if hasattr(method, "total_steps") else int(params["steps"])
@@ -120,11 +129,19 @@ def run(ctx: JobContext, method: ModuleType) -> MethodResult:
     torch.manual_seed(spec.seed)
     mem_plan = choose_plan(ctx, params, learns)
     memory.reset_peak(ctx.device)
-    adapter = build_adapter(ctx.base.path, dtype, ctx.device)
-    inputs = load_merge_inputs(ctx.base.path, [e.path for e in ctx.experts], names,
-                               task_specific=spec.task_specific, dtype=dtype, device=ctx.device,
-                               only=adapter.used if learns is None else lambda n: adapter.used(n) and learns(n))
-    adapter.bind(inputs.base)
+    streamed = mem_plan.mode == "streamed"
+    adapter = build_adapter(ctx.base.path, dtype, ctx.device, skeleton=streamed)
+    only = adapter.used if learns is None else lambda n: adapter.used(n) and learns(n)
+    if streamed:  # block tensors and task vectors stay in the files (store.py), read per block
+        streamer = streamer_for(adapter)
+        inputs = open_merge_inputs(ctx.base, ctx.experts, names,
+                                   resident=lambda n: not streamer.streamed(n), task_specific=spec.task_specific,
+                                   dtype=dtype, device=ctx.device, only=only)
+        streamer.attach(inputs, ctx.device)
+    else:
+        inputs = load_merge_inputs(ctx.base, ctx.experts, names,
+                                   task_specific=spec.task_specific, dtype=dtype, device=ctx.device, only=only)
+    adapter.bind(inputs.held_base())
     if isinstance(adapter, EncoderClassifier):
         headless = [n for n in names if not inputs.heads.get(n)]
         if headless:
@@ -138,9 +155,14 @@ def run(ctx: JobContext, method: ModuleType) -> MethodResult:
     trained = method.learn(s)
     learn_peak = memory.peak(ctx.device)
 
-    ctx.report("write", 0, 1)
     engine = trained.engine
-    artifacts = write_outputs(ctx.out_dir, ctx.base.path, engine,
+    if distributed.rank_world()[0] != 0:  # a helper rank: rank 0 writes the model; the table only
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        if engine.groups.n_groups:
+            engine.table(**{"method": spec.method, **trained.meta}).save(ctx.out_dir / "coefficients.json")
+        return MethodResult(metrics={"rank": distributed.rank_world()[0]})
+    ctx.report("write", 0, 1)
+    artifacts = write_outputs(ctx.out_dir, ctx.base, engine,
                               out_dtype=TORCH_DTYPES[spec.out_dtype] if spec.out_dtype else None,
                               shard_size=parse_size(spec.shard_size), title=trained.variant,
                               meta={"method": spec.method, **trained.meta, "steps": sum(f.steps for f in s.fits)})
@@ -175,7 +197,8 @@ def choose_plan(ctx: JobContext, params: dict[str, Any], learns: Any = None) -> 
     """The job's mode and memory plan; refuses (with the numbers) a job that cannot fit its device.
 
     `auto` learns in memory when that fits (it is the faster: streaming recomputes each block's
-    forward in backward, 1.3-1.9x a step on CPU, benchmarks/README.md) and streams when only that fits."""
+    forward and merge in backward and reads the files: about 2x a step on a loaded CPU, benchmarks/README.md)
+    and streams when only that fits."""
     budget = memory.device_budget_mib(ctx.device)
     mode = learned_mode()
     plan = job_plan(ctx, params, "in_memory" if mode == "auto" else mode, learns)
@@ -184,10 +207,6 @@ def choose_plan(ctx: JobContext, params: dict[str, Any], learns: Any = None) -> 
     if (why := plan_mod.check_fits(plan, budget)) is not None:
         raise InputError(why)
     return plan
-
-
-def _mib(ts) -> float:
-    return round(sum(t.numel() * t.element_size() for t in ts) / 2**20, 2)
 
 
 def _metrics(s: Session, engine: MergeEngine, learn_peak: dict[str, float]) -> dict[str, Any]:
@@ -206,7 +225,8 @@ def _metrics(s: Session, engine: MergeEngine, learn_peak: dict[str, float]) -> d
         "n_constant_tensors": len(inputs.constant),
         "coefficient_mean": {n: round(float(coeffs[:, k].mean()), 4) if coeffs.numel() else None
                              for k, n in enumerate(s.names)},
-        "base_mib": _mib(inputs.base.values()), "task_vectors_mib": _mib(inputs.task_vectors.values()),
+        # held in memory (streamed, file-backed inputs hold no τ and only a tied embedding of θ₀)
+        "base_mib": inputs.resident_mib()[0], "task_vectors_mib": inputs.resident_mib()[1],
         # memory: the job's peak, and learning's own (the peak mark is reset when learning starts)
         "peak_rss_mib": round(max(learning.get("setup_peak", 0.0), learn_peak["peak_rss_mib"]), 1),
         "rss_before_learn_mib": round(learning["rss_before"], 1) if learning else None,

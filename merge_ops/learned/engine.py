@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,13 +38,14 @@ from pathlib import Path
 import torch
 
 from merge_ops import memory
-from merge_ops.checkpoint import CheckpointReader
-from merge_ops.context import Channel, check_cancel, report
-from merge_ops.errors import CheckpointError, MergeFailed, SpecError
+from merge_ops.context import Channel, ResolvedModel, check_cancel, report
+from merge_ops.errors import MergeFailed, SpecError
 from merge_ops.learned import distributed
 from merge_ops.learned.coefficients import Coefficients
 from merge_ops.learned.groups import ParamGroups
+from merge_ops.learned.store import LazyBase, LazyTaskVectors, TensorFiles, check_expert_tensor
 from merge_ops.learned.streaming import BlockStreamer, streamer_for
+from merge_ops.lora.reader import open_checkpoint
 
 PARAMETERISATIONS = ("clamp", "sigmoid", "none")
 
@@ -52,16 +53,49 @@ PARAMETERISATIONS = ("clamp", "sigmoid", "none")
 @dataclass
 class MergeInputs:
     experts: list[str]
-    base: dict[str, torch.Tensor]  # every floating tensor of the base, compute dtype
-    task_vectors: dict[str, torch.Tensor]  # merged name -> [K, *shape], compute dtype
+    base: MutableMapping[str, torch.Tensor]  # every floating tensor of the base, compute dtype
+    task_vectors: MutableMapping[str, torch.Tensor]  # merged name -> [K, *shape], compute dtype
     heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # expert -> task-specific
     constant: list[str] = field(default_factory=list)  # base tensors no expert changed
+    files: TensorFiles | None = None  # file-backed (store.open_merge_inputs): tensors read on use
 
     def merged_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
-        return [(n, tuple(t.shape[1:])) for n, t in self.task_vectors.items()]
+        tv = self.task_vectors
+        if isinstance(tv, LazyTaskVectors):
+            return list(tv.shapes.items())
+        return [(n, tuple(t.shape[1:])) for n, t in tv.items()]
+
+    def entry(self, name: str) -> tuple[torch.Tensor, Sequence[torch.Tensor] | None, bool]:
+        """(θ₀, τ-or-experts, experts?) of one tensor as held: resident tensors as they are, file-
+        backed ones as stored (their own dtype). `experts?`: the sequence is the K experts' tensors
+        (τₖ = eₖ − θ₀ is formed in the merge), else the [K, ...] τ stack. None: not merged."""
+        tv = self.task_vectors
+        if isinstance(tv, LazyTaskVectors):
+            assert isinstance(self.base, LazyBase)
+            return self.base.raw(name), (tv.experts_raw(name) if name in tv else None), True
+        return self.base[name], tv.get(name), False
+
+    def held_base(self) -> dict[str, torch.Tensor]:
+        """The base tensors held in memory (all of them unless file-backed): what a module binds."""
+        return dict(self.base.resident) if isinstance(self.base, LazyBase) else dict(self.base)
+
+    def materialise(self) -> None:
+        """Hold every τ stack in memory (compute dtype), for code that rewrites them in place."""
+        if isinstance(self.task_vectors, LazyTaskVectors):
+            self.task_vectors = {n: self.task_vectors[n] for n in self.task_vectors}
+
+    def resident_mib(self) -> tuple[float, float]:
+        """MiB held in memory by (θ₀, τ): file-backed tensors count only while read."""
+        def mib(ts) -> float:
+            return round(sum(t.numel() * t.element_size() for t in ts) / 2**20, 2)
+
+        b = self.base.resident_bytes() / 2**20 if isinstance(self.base, LazyBase) else mib(self.base.values())
+        tv = 0.0 if isinstance(self.task_vectors, LazyTaskVectors) else mib(self.task_vectors.values())
+        return round(b, 2), tv
 
 
-def load_merge_inputs(base_dir: Path, expert_dirs: Sequence[Path], experts: Sequence[str], *,
+def load_merge_inputs(base_dir: Path | ResolvedModel, expert_dirs: Sequence[Path | ResolvedModel],
+                      experts: Sequence[str], *,
                       task_specific: Sequence[str] = (), dtype: torch.dtype = torch.float32,
                       device: str | torch.device = "cpu", only: Callable[[str], bool] | None = None
                       ) -> MergeInputs:
@@ -75,8 +109,8 @@ def load_merge_inputs(base_dir: Path, expert_dirs: Sequence[Path], experts: Sequ
     def is_specific(n: str) -> bool:
         return any(p.search(n) for p in pats)
 
-    readers = [CheckpointReader(d) for d in expert_dirs]
-    base_r = CheckpointReader(base_dir)
+    readers = [open_checkpoint(d) for d in expert_dirs]  # a LoRA expert: base + its delta, per tensor
+    base_r = open_checkpoint(base_dir)
     try:
         base: dict[str, torch.Tensor] = {}
         tvs: dict[str, torch.Tensor] = {}
@@ -90,12 +124,7 @@ def load_merge_inputs(base_dir: Path, expert_dirs: Sequence[Path], experts: Sequ
                 continue
             stack = torch.empty((len(readers), *b.shape), dtype=dtype, device=device)
             for k, r in enumerate(readers):
-                if n not in r:
-                    raise CheckpointError(f"expert {experts[k]!r} ({r.folder}) has no tensor {n!r}: the "
-                                          "experts must be fine-tuned from the base", param=experts[k])
-                if r.shape(n) != tuple(b.shape):
-                    raise CheckpointError(f"tensor {n!r} has shape {list(r.shape(n))} in expert "
-                                          f"{experts[k]!r} but {list(b.shape)} in the base", param=experts[k])
+                check_expert_tensor(r, n, tuple(b.shape), experts[k])
                 torch.sub(r.read(n).to(device=device, dtype=dtype), b, out=stack[k])
             if torch.count_nonzero(stack) == 0:
                 constant.append(n)  # nothing to learn: θ = θ₀ whatever the coefficients
@@ -121,6 +150,7 @@ def ties_trim(inputs: MergeInputs, density: float) -> None:
     As the official code: keep the top-`density` magnitudes of each task's whole flattened task
     vector, elect a sign per entry from the sum of the kept entries (majority sign where it is 0),
     keep only entries agreeing with it."""
+    inputs.materialise()  # global top-k: every τ at once, in memory
     tvs = inputs.task_vectors
     if not tvs:
         return
@@ -192,11 +222,13 @@ class MergeEngine(torch.nn.Module):
         return raw
 
     def merged_tensor(self, name: str, coeffs: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.coefficients() if coeffs is None else coeffs
+        if self.inputs.files is not None:  # file-backed: τ formed per expert, re-read in backward
+            return self.merge_entry(name, c, lambda: self.inputs.entry(name))
         base = self.inputs.base[name]
         tv = self.inputs.task_vectors.get(name)
         if tv is None:
             return base
-        c = self.coefficients() if coeffs is None else coeffs
         slot = self.groups.slots[name]
         k = tv.shape[0]
         flat = tv.reshape(k, -1)
@@ -210,13 +242,31 @@ class MergeEngine(torch.nn.Module):
             delta = torch.cat([rows[s] @ seg for s, seg in enumerate(segs)])
         return base + delta.view(base.shape)
 
+    def merge_entry(self, name: str, c: torch.Tensor, load: Callable[[], tuple]) -> torch.Tensor:
+        """θ[name] through `merge` (below) from what `load()` gives (MergeInputs.entry's triple):
+        the streamed path, whose autograd keeps no τ (backward calls `load` again)."""
+        slot = self.groups.slots.get(name)
+        dtype = self._dtype
+        if slot is None:  # not merged: θ₀ (in the compute dtype)
+            return load()[0].to(dtype)
+        k = len(self.inputs.experts)
+        if slot.chunks == 0:
+            rows, sizes = self.fixed.view(1, k), [slot.numel]
+        else:
+            rows, sizes = c[slot.row: slot.row + slot.chunks], slot.chunk_sizes()
+        return merge(rows, load, sizes, dtype)
+
+    @property
+    def _dtype(self) -> torch.dtype:  # the compute dtype
+        b = self.inputs.base
+        return b.dtype if isinstance(b, LazyBase) else next(iter(b.values())).dtype
+
     def merged_params(self) -> dict[str, torch.Tensor]:
         """Every floating base tensor, merged ones as differentiable functions of the table. Streamed:
-        a block's tensors are the base's here (its wrapper merges them inside the block's forward)."""
+        a block's tensors are left out (its wrapper merges them inside the block's forward)."""
         c = self.coefficients()
         st = self.streamer
-        return {n: b if st is not None and st.streamed(n) else self.merged_tensor(n, c)
-                for n, b in self.inputs.base.items()}
+        return {n: self.merged_tensor(n, c) for n in self.inputs.base if st is None or not st.streamed(n)}
 
     def expert_params(self, k: int) -> dict[str, torch.Tensor]:
         """Expert k's own weights θ₀ + τ_k (no gradient): a teacher without a second model."""
@@ -231,6 +281,80 @@ class MergeEngine(torch.nn.Module):
                             self.coefficients().detach().cpu().double(),
                             {"grouping": self.groups.grouping, "parameterisation": self.parameterisation,
                              **meta})
+
+
+class _Merge(torch.autograd.Function):
+    """θ = θ₀ + Σₖ rows[r, k]·τₖ over contiguous slices r, with only `rows` differentiable.
+
+    τₖ is formed one expert at a time in a single scratch buffer (from the experts' stored tensors
+    when the entry is file-backed: τₖ = eₖ.to(dtype) − θ₀, `load_merge_inputs`' arithmetic) and
+    nothing of it is saved for backward: backward calls `load` again and takes ⟨g, τₖ⟩ per slice.
+    Autograd therefore holds no [K, ...] stack, in any dtype, between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, rows, load, sizes, dtype):  # type: ignore[override]
+        base, taus, experts = load()
+        ctx.load, ctx.sizes, ctx.dtype = load, sizes, dtype
+        r = rows.to(dtype)
+        if not experts and len(sizes) == 1:  # a held [K, ...] stack: one fused K-term sum
+            return base + (r @ taus.reshape(len(taus), -1)).view(base.shape)
+        bflat = base.reshape(-1).to(dtype)  # τₖ = eₖ − θ₀ in the compute dtype, never the stored one
+        out = bflat.clone().view(base.shape)
+        flat = out.view(-1)
+        buf = torch.empty_like(flat) if experts else None
+        scale = _scalars(r)
+        for k, t in enumerate(_taus(taus, experts, bflat, buf)):
+            for s, sl in enumerate(_slices(sizes)):
+                if isinstance(scale, list):
+                    flat[sl].add_(t[sl], alpha=scale[s][k])
+                else:
+                    flat[sl].addcmul_(t[sl], scale[s, k])
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        base, taus, experts = ctx.load()
+        gflat = g.reshape(-1).to(ctx.dtype)
+        if not experts and len(ctx.sizes) == 1:
+            return (taus.reshape(len(taus), -1) @ gflat).view(1, -1), None, None, None
+        b = base.reshape(-1).to(ctx.dtype)
+        buf = torch.empty_like(gflat) if experts else None
+        cols = []
+        for t in _taus(taus, experts, b, buf):
+            cols.append(torch.stack([torch.dot(gflat[sl], t[sl]) for sl in _slices(ctx.sizes)]))
+        return torch.stack(cols, 1), None, None, None
+
+
+def _scalars(r: torch.Tensor) -> list[list[float]] | torch.Tensor:
+    """The rows as Python floats on CPU (no per-term 0-dim tensor), as a tensor on an accelerator
+    (no device sync per merge)."""
+    return r.tolist() if r.device.type == "cpu" else r
+
+
+def _slices(sizes: Sequence[int]) -> list[slice]:
+    out, at = [], 0
+    for n in sizes:
+        out.append(slice(at, at + n))
+        at += n
+    return out
+
+
+def _taus(taus: Sequence[torch.Tensor], experts: bool, bflat: torch.Tensor, buf: torch.Tensor | None):
+    """τₖ flattened, one at a time. Experts: eₖ − θ₀ formed in `buf` in one pass (the stored dtype
+    widened exactly to the compute dtype, as `load_merge_inputs` does), overwritten by the next."""
+    for t in taus:
+        if experts:
+            assert buf is not None
+            yield torch.sub(t.reshape(-1), bflat, out=buf)
+        else:
+            yield t.reshape(-1)
+
+
+def merge(rows: torch.Tensor, load: Callable[[], tuple], sizes: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """θ from `load()` = (θ₀, τ stack or experts' tensors, experts?) and the table rows [m, K]."""
+    return _Merge.apply(rows, load, list(sizes), dtype)
 
 
 def _per_expert(v: float | Sequence[float], k: int, what: str) -> torch.Tensor:

@@ -2,20 +2,29 @@
 
 Torch-free: it reads only config.json and the safetensors headers (shapes and dtypes), and counts
 
-    base θ₀                 every floating tensor, compute dtype
-    task vectors            K × the merged tensors, compute dtype (MergeInputs)
-    merged parameters       in_memory: θ(c) for every merged tensor, plus its gradient leaf (Step);
-                            streamed: only the tensors outside the blocks, plus one block's θ(c) and
-                            its recomputed copy in backward
-    activations             one task's forward/backward at a time (Step): in_memory keeps every
-                            block's internals; streamed keeps the block boundaries (checkpointing)
-                            and one block's internals, plus the logits and their softmax in fp32
-    teacher cache           Expert Merging: each task's samples' logits (+ hidden states), fp32
-    runtime                 the process itself (Python, torch, transformers): RUNTIME_MIB on the host
-    mapped inputs           CPU: the K + 1 checkpoints' pages, mapped while θ₀ and τ are read
+    in_memory (engine.load_merge_inputs: everything held, compute dtype)
+      base θ₀               every floating tensor
+      task vectors          K × the merged tensors
+      merged parameters     θ(c) for every merged tensor, plus its gradient leaf (Step)
+      activations           one task's forward/backward at a time, every block's internals, plus
+                            the logits and their softmax in fp32
+      mapped inputs         CPU: the K + 1 checkpoints' pages while θ₀ and τ are read
+    streamed (store.open_merge_inputs + streaming.BlockCache: the files are the store)
+      base θ₀               none held (a tied embedding excepted): every tensor belongs to a
+                            streamed unit — a block, or a module outside them (embeddings, norm, head)
+      task vectors          none held: τ is formed from the files per unit
+      blocks                the BlockCache: units' θ₀ and K experts' tensors in their stored dtype,
+                            within CACHE_SHARE of the model's bytes (`_cache_bytes`)
+      merged parameters     the biggest unit's θ(c), its weight gradients and the merge's scratch
+      activations           the block boundaries (checkpointing), one block's internals, logits
+    both
+      teacher cache         Expert Merging: on disk (teacher_cache.RowFile) in fp16, reported but
+                            not in the peak; one batch's targets are resident (activations)
+      runtime               the process itself (Python, torch, transformers): RUNTIME_MIB on the host
 
 On CPU the device is the host: device and host peaks are the same number. The prediction is a
-bound built from the terms above; benchmarks/learned_scale.py compares it with measured peaks.
+bound built from the terms above; benchmarks/learned_scale.py compares it with measured peaks
+(benchmarks/README.md), tests/merge_ops/test_learned_stream_plan.py with a generous band.
 """
 
 from __future__ import annotations
@@ -29,6 +38,9 @@ from typing import Any
 BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 RUNTIME_MIB = 420.0  # resident size of a worker after importing torch + transformers (measured, CPU)
 BLOCK_WORDS = ("layers", "layer", "h", "blocks")
+CACHED_BLOCKS = 2  # streaming.CACHED_BLOCKS (this module stays torch-free)
+CACHE_BYTES = 2  # teacher rows are stored in float16
+CACHE_SHARE = 0.5  # streaming.CACHE_SHARE: the block cache's budget, a share of the model's bytes
 
 
 @dataclass
@@ -42,7 +54,8 @@ class MemoryPlan:
     task_vectors_mib: float
     merged_mib: float
     activations_mib: float
-    teacher_cache_mib: float
+    teacher_cache_mib: float  # on disk
+    blocks_mib: float
     peak_device_mib: float
     peak_host_mib: float
 
@@ -95,15 +108,27 @@ def plan_memory(base_dir: Path, *, k: int, batch: int, seq_len: int, mode: str =
     base = sum(_numel(s) for s, _ in tensors.values()) * cb
     merged = {n: _numel(s) for n, (s, _) in tensors.items() if learned is None or learned(n)}
     tv = k * sum(merged.values()) * cb
-    per_block: dict[int, int] = {}
-    outside = 0
-    for n, e in merged.items():
+    per_block: dict[int, int] = {}  # merged elements per block
+    unit_bytes: dict[str, int] = {}  # stored bytes of each streamed unit: θ₀ and the K experts' tensors
+    unit_base: dict[str, int] = {}
+    biggest_unit = 0  # merged elements of the biggest unit (a block, or an outside tensor)
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    held_outside = 0  # a tied embedding stays resident on the Step path
+    for n, (shape, dt) in tensors.items():
         b = _block_index(n)
-        if b is None:
-            outside += e
-        else:
-            per_block[b] = per_block.get(b, 0) + e
-    biggest_block = max(per_block.values(), default=0)
+        e = _numel(shape)
+        unit = str(b) if b is not None else n.rsplit(".", 1)[0]
+        if b is None and tied and "embed" in n:
+            held_outside += e
+            continue
+        unit_bytes[unit] = unit_bytes.get(unit, 0) + e * BYTES[dt] * (1 + (k if n in merged else 0))
+        unit_base[unit] = unit_base.get(unit, 0) + e * BYTES[dt]
+        if n in merged:
+            if b is not None:
+                per_block[b] = per_block.get(b, 0) + e
+            else:
+                biggest_unit = max(biggest_unit, e)
+    biggest_unit = max(biggest_unit, *per_block.values(), 0)
     h = int(cfg.get("hidden_size", 0) or 0)
     inter = int(cfg.get("intermediate_size", 4 * h) or 4 * h)
     layers = int(cfg.get("num_hidden_layers", len(per_block)) or len(per_block))
@@ -114,21 +139,41 @@ def plan_memory(base_dir: Path, *, k: int, batch: int, seq_len: int, mode: str =
     # attention probabilities heads × T per token
     block_act = tokens * (12 * h + 3 * inter + 2 * heads * seq_len) * cb
     logits = tokens * vocab * 4 * 3  # logits, log-softmax and softmax in fp32
+    cache = teacher_samples * seq_len * (vocab + h) * CACHE_BYTES  # on disk
+    teacher_batch = tokens * (vocab + h) * (CACHE_BYTES + 4) if teacher_samples else 0
+    blocks = 0
+    on_cpu = device == "cpu"
     if mode == "in_memory":
         merged_b = 2 * sum(merged.values()) * cb  # θ(c) and the gradient leaf of each
-        act = layers * block_act + logits
+        act = layers * block_act + logits + teacher_batch
+        device_b = base + tv + merged_b + act
+        if on_cpu:  # the K + 1 input checkpoints' pages, read while θ₀ and τ are built
+            device_b += (k + 1) * model
     else:
-        merged_b = (2 * outside + 2 * biggest_block) * cb
-        act = (layers + 1) * tokens * h * cb + block_act + logits
-    cache = teacher_samples * seq_len * (vocab + h) * 4
-    device_b = base + tv + merged_b + act + cache
-    if device == "cpu":  # the K + 1 input checkpoints are memory-mapped while read: in the RSS high-water mark
-        device_b += (k + 1) * model
+        base = held_outside * cb
+        tv = 0
+        blocks = _cache_bytes(unit_bytes, unit_base, CACHE_SHARE * model)
+        # a unit's θ(c), its weight gradients and the merge's scratch tensor (plus a tied embedding's
+        # θ(c) and gradient leaf)
+        merged_b = (3 * biggest_unit + 2 * held_outside) * cb
+        act = (layers + 1) * tokens * h * cb + block_act + logits + teacher_batch
+        device_b = base + blocks + merged_b + act
     mib = 2**20
-    on_cpu = device == "cpu"
-    host = device_b / mib + RUNTIME_MIB if on_cpu else RUNTIME_MIB + model / mib
+    host = device_b / mib + RUNTIME_MIB if on_cpu else RUNTIME_MIB + (blocks + teacher_batch) / mib
     return MemoryPlan(mode, k, batch, seq_len, model / mib, base / mib, tv / mib, merged_b / mib,
-                      act / mib, cache / mib, device_b / mib + (RUNTIME_MIB if on_cpu else 0.0), host)
+                      act / mib, cache / mib, blocks / mib, device_b / mib + (RUNTIME_MIB if on_cpu else 0.0),
+                      host)
+
+
+def _cache_bytes(unit_bytes: dict[str, int], unit_base: dict[str, int], budget: float) -> int:
+    """streaming.BlockCache's high-water mark: a unit is held whole (θ₀ + K experts) when it fits the
+    budget, else θ₀ only (experts read one at a time); the next one is prefetched while both fit,
+    up to CACHED_BLOCKS ready + 1 being read."""
+    held = [u if u <= budget else unit_base[n] for n, u in unit_bytes.items()]
+    one = max(held, default=0)
+    if 2 * one > budget:
+        return one
+    return int(min(budget, (CACHED_BLOCKS + 1) * one))
 
 
 def check_fits(plan: MemoryPlan, budget_mib: float | None) -> str | None:

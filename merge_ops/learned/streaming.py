@@ -16,15 +16,30 @@ The coefficient gradients are the same function as the in-memory engine's (same 
 forward), so they agree to rounding (tests: float64 to 1e-9, AdaMerging and Expert Merging with chunks,
 on a tiny Llama and a tiny BERT). The price is one extra forward per block in backward.
 
-`BlockStreamer.install(engine, module)` patches the blocks once; it only acts while `active`
-(fit turns it on around each step), so the teacher cache and the adapter's packing probe, which run
-the same module on other weights, see the plain blocks.
+The merge inside a block is `engine.merge`: τₖ is formed one expert at a time and autograd saves
+none of it (backward reloads), so a block costs its merged weights, one scratch tensor and its
+activations, whatever K.
+
+File-backed inputs (store.py; the driver's streamed mode) `attach` to the streamer: the module's
+block parameters then stay on the meta device and every block call gets its weights from the files,
+through a `BlockCache` — a few blocks (θ₀ and the K experts' tensors, in their stored dtype) held
+on the device, the next one in the walking direction read by a background thread while the current
+one computes (pinned host memory then a non-blocking copy on CUDA). Outside a step an attached
+streamer runs the blocks on θ₀, or on expert k's own tensors inside `teacher(k)` (the teacher cache).
+
+Unattached (in-memory inputs), the wrappers only act while `active` (fit turns it on around each
+step): the teacher cache and the packing probe, which run the module on other weights, see the
+plain blocks.
 """
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Iterator
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -33,9 +48,13 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.checkpoint import checkpoint
 
 if TYPE_CHECKING:
-    from merge_ops.learned.engine import MergeEngine
+    from merge_ops.learned.engine import MergeEngine, MergeInputs
 
 _DIGITS = re.compile(r"^\d+$")
+CACHED_BLOCKS = 2  # ready blocks kept on the device (plus one being prefetched)
+CACHE_SHARE = 0.5  # their bytes: at most this share of the model's stored bytes (ALLOY_STREAM_CACHE_MB)
+
+Entry = tuple[torch.Tensor, Any, bool]  # MergeInputs.entry: (θ₀, τ stack or experts, experts?)
 
 
 def find_blocks(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -49,23 +68,160 @@ def find_blocks(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return []
 
 
+def _outside_units(module: torch.nn.Module, blocks: list[tuple[str, torch.nn.Module]]
+                   ) -> list[tuple[str, torch.nn.Module, list[str]]]:
+    """(prefix, module, its own parameter names) for the modules outside the blocks that own
+    parameters directly; a parameter shared by two names (a tied head) stays on the Step path."""
+    inside = {id(m) for _, b in blocks for m in b.modules()}
+    seen: dict[int, int] = {}
+    for _, p in module.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    out = []
+    for name, m in module.named_modules():
+        if id(m) in inside:
+            continue
+        own = list(m.named_parameters(recurse=False))
+        if own and all(seen[id(p)] == 1 for _, p in own):
+            out.append((f"{name}." if name else "", m, [n for n, _ in own]))
+    return out
+
+
+class BlockCache:
+    """Blocks' entries by block index: at most `capacity` ready on the device plus one being read
+    by the prefetch thread (the next block in the direction of the last two requests)."""
+
+    def __init__(self, load: Callable[[int], dict[str, Entry]], n_blocks: int, capacity: int = CACHED_BLOCKS,
+                 budget: float = float("inf"), size: Callable[[int], int] = lambda i: 0):
+        self.load, self.n, self.capacity = load, n_blocks, capacity
+        self.budget, self.size = budget, size  # bytes the ready and prefetched blocks may hold
+        self.ready: OrderedDict[int, dict[str, Entry]] = OrderedDict()
+        self.pending: dict[int, Future] = {}
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="alloy-prefetch")
+        self.last: int | None = None
+        self.direction = 1
+        self.reads = 0  # blocks read (tests, benchmarks)
+        self.max_held = 0  # most blocks ever held at once (ready + being read)
+        self._lock = threading.Lock()
+
+    def _load(self, i: int) -> dict[str, Entry]:
+        with self._lock:
+            self.reads += 1
+        return self.load(i)
+
+    def get(self, i: int) -> dict[str, Entry]:
+        if i in self.ready:
+            self.ready.move_to_end(i)
+            block = self.ready[i]
+        else:
+            fut = self.pending.pop(i, None)
+            block = fut.result() if fut is not None else self._load(i)
+            self.ready[i] = block
+            while len(self.ready) > 1 and (len(self.ready) > self.capacity or self._held() > self.budget):
+                self.ready.popitem(last=False)
+        if self.last is not None and i != self.last:
+            self.direction = 1 if i > self.last else -1
+        self.last = i
+        nxt = i + self.direction
+        for j in [j for j in self.pending if j != nxt]:  # a guess in the old direction: drop it
+            self.pending.pop(j).cancel()
+        if (0 <= nxt < self.n and nxt not in self.ready and nxt not in self.pending
+                and self.size(i) + self.size(nxt) <= self.budget):
+            self.pending[nxt] = self.pool.submit(self._load, nxt)
+        self.max_held = max(self.max_held, len(self.ready) + len(self.pending))
+        return block
+
+    def _held(self) -> int:
+        return sum(self.size(j) for j in self.ready)
+
+    def clear(self) -> None:
+        for f in self.pending.values():
+            f.cancel()
+        self.pending.clear()
+        self.ready.clear()
+        self.last = None
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if t.device == device:
+        return t
+    if device.type == "cuda":  # pinned staging: the copy overlaps compute (untested here: no GPU)
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class BlockStreamer:
-    """Per-block merge-inside-checkpoint wrappers over an adapter's module, bound to one engine at a
-    time (`engine` may be swapped, e.g. Expert Merging's stage 2)."""
+    """Per-block wrappers over an adapter's module, bound to one engine at a time (`engine` may be
+    swapped, e.g. Expert Merging's stage 2) and, for file-backed inputs, attached to them."""
 
     def __init__(self, module: torch.nn.Module):
         self.blocks = find_blocks(module)
+        # units: the blocks (every tensor under the prefix), then the modules outside them that own
+        # parameters directly (embeddings, norms, head: their own tensors only), tied ones excepted
+        self.units: list[tuple[str, torch.nn.Module, list[str] | None]] = [(p, b, None) for p, b in self.blocks]
+        self.units += _outside_units(module, self.blocks)
+        self._outside = {f"{p}{n}" for p, _, names in self.units if names for n in names}
         self.engine: MergeEngine | None = None
         self.active = False
-        for i, (prefix, block) in enumerate(self.blocks):
+        self.inputs: MergeInputs | None = None  # attached (file-backed) inputs
+        self.device = torch.device("cpu")
+        self.cache: BlockCache | None = None
+        self._teacher: int | None = None
+        self._names: dict[int, list[str]] = {}
+        self._last_engine: MergeEngine | None = None
+        for i, (prefix, block, _) in enumerate(self.units):
             block.forward = self._wrap(i, prefix, block, block.forward)
 
     def streamed(self, name: str) -> bool:
-        """Whether tensor `name` is merged inside its block (not on the Step path)."""
-        return any(name.startswith(p) for p, _ in self.blocks)
+        """Whether tensor `name` is merged inside its unit's forward (not on the Step path)."""
+        return name in self._outside or any(name.startswith(p) for p, _ in self.blocks)
+
+    def attach(self, inputs: MergeInputs, device: str | torch.device) -> BlockStreamer:
+        """Serve every block's weights from file-backed `inputs` (the module holds none of them)."""
+        self.inputs, self.device = inputs, torch.device(device)
+        files = inputs.files
+        assert files is not None
+        model = sum(files.base.info(n).nbytes for n in inputs.base if n not in inputs.base.overrides)  # type: ignore[attr-defined]
+        budget = float(os.environ.get("ALLOY_STREAM_CACHE_MB", 0) or 0) * 2**20 or CACHE_SHARE * model
+        self.cache = BlockCache(self._load_block, len(self.units), budget=budget, size=self._unit_bytes)
+        self._names = {}
+        return self
+
+    def names(self, i: int, inputs: MergeInputs) -> list[str]:
+        """The base tensors of unit i (cached per unit; the set of names does not change)."""
+        if i not in self._names:
+            p, _, own = self.units[i]
+            self._names[i] = ([n for n in inputs.base if n.startswith(p)] if own is None
+                              else [p + n for n in own if p + n in inputs.base])
+        return self._names[i]
+
+    def _unit_bytes(self, i: int) -> int:
+        """Unit i's stored bytes: θ₀ and, for merged tensors, the K experts' tensors."""
+        inputs = self.inputs
+        assert inputs is not None and inputs.files is not None
+        k = len(inputs.experts)
+        info = inputs.files.base.info
+        return sum(info(n).nbytes * (1 + (k if n in inputs.task_vectors else 0)) for n in self.names(i, inputs))
+
+    def _load_block(self, i: int) -> dict[str, Entry]:
+        """Unit i's entries on the device; the experts' tensors too when the unit fits the cache's
+        budget, else they stay lazy (read one expert at a time inside the merge)."""
+        assert self.inputs is not None and self.cache is not None
+        whole = self._unit_bytes(i) <= self.cache.budget
+        out: dict[str, Entry] = {}
+        for n in self.names(i, self.inputs):
+            b, taus, experts = self.inputs.entry(n)
+            if taus is not None and not experts:  # a held τ stack (AdaMerging++ materialised them)
+                taus = _to_device(taus, self.device)
+            elif taus is not None and whole:
+                taus = [_to_device(t, self.device) for t in taus]
+            out[n] = (_to_device(b, self.device), taus, experts)
+        return out
 
     @contextmanager
     def using(self, engine: MergeEngine) -> Iterator[None]:
+        if self.cache is not None and engine is not self._last_engine:
+            self.cache.clear()  # a new engine (stage 2) may have rewritten θ₀ and the merged set
+        self._last_engine = engine
         prev = (self.engine, self.active)
         self.engine, self.active = engine, True
         try:
@@ -73,18 +229,52 @@ class BlockStreamer:
         finally:
             self.engine, self.active = prev
 
+    @contextmanager
+    def teacher(self, k: int) -> Iterator[None]:
+        """Outside a step, run the blocks on expert k's own tensors (attached inputs only)."""
+        prev, self._teacher = self._teacher, k
+        try:
+            yield
+        finally:
+            self._teacher = prev
+
+    def _plain(self, i: int, prefix: str) -> dict[str, torch.Tensor]:
+        """Block i's weights outside a step: θ₀, or the teacher's own tensors."""
+        inputs = self.inputs
+        assert inputs is not None and inputs.files is not None
+        dtype = inputs.base.dtype  # type: ignore[attr-defined]
+        out = {}
+        for n in self.names(i, inputs):
+            t = inputs.files.expert_raw(self._teacher, n) if self._teacher is not None else inputs.base.raw(n)  # type: ignore[attr-defined]
+            out[n[len(prefix):]] = t.to(device=self.device, dtype=dtype)
+        return out
+
     def _wrap(self, i: int, prefix: str, block: torch.nn.Module, orig: Any) -> Any:
         def forward(*args: Any, **kwargs: Any) -> Any:
-            engine = self.engine
-            if not self.active or engine is None:
-                return orig(*args, **kwargs)
-            local = {n[len(prefix):]: n for n in engine.inputs.task_vectors if n.startswith(prefix)}
-            if not local:
-                return orig(*args, **kwargs)
+            engine = self.engine if self.active else None
+            if engine is None:
+                if self.inputs is None:
+                    return orig(*args, **kwargs)
+                with torch.no_grad(), _reparametrize_module(block, self._plain(i, prefix)):
+                    return orig(*args, **kwargs)
+            inputs = engine.inputs
+            names = self.names(i, inputs)
+            tvs = inputs.task_vectors
+            if not any(n in tvs for n in names):
+                if self.inputs is None:
+                    return orig(*args, **kwargs)
+                with _reparametrize_module(block, self._plain(i, prefix)):
+                    return orig(*args, **kwargs)
+            cache = self.cache if inputs is self.inputs else None
+
+            def loader(n: str) -> Callable[[], Entry]:
+                if cache is None:
+                    return lambda: inputs.entry(n)
+                return lambda: cache.get(i)[n]
 
             def run(raw: torch.Tensor, *a: Any, **kw: Any) -> Any:
                 c = engine.coefficients_of(raw)
-                params = {ln: engine.merged_tensor(full, c) for ln, full in local.items()}
+                params = {n[len(prefix):]: engine.merge_entry(n, c, loader(n)) for n in names}
                 # the block's own forward, not its __call__: its hooks (HF records hidden states with
                 # forward hooks) already ran around this wrapper and must not fire twice
                 with _reparametrize_module(block, params):

@@ -17,6 +17,8 @@ Defaults: alpha 1.5, the value of FusionBench's documentation and result table (
 82.8); its config file says 1.0, and the authors sweep α ∈ {0.1, …, 3.0} on validation data (tuned values
 reported elsewhere: 1.3–1.5 for CLIP B/32–L/14). α matters more than for most methods: every weak
 direction of Δ is raised to σ̄.
+When the spec has evaluation sets with labelled rows and does not set `alpha`, α is chosen on them
+as the authors do (grid 0.2…3.0 then ±0.1, best mean normalised score: static/alpha_select.py).
 
 Deviation from the official code, and why: directions whose singular value is at rounding level
 (≤ max(m, n)·eps·σ_max) are left out of U·Vᵀ, while σ̄ is still the mean of all r values. Their singular

@@ -19,6 +19,8 @@ For each matrix (a 2-D tensor not matched by `exclude`, see static/spectral.py) 
 Defaults: common_space_fraction 0.8 (official and FusionBench configs); alpha 1.5, the value of
 FusionBench's documentation and result table (CLIP ViT-B/32 × 8 tasks: 82.7; its config file says 1.0);
 the authors sweep α ∈ {0.1, …, 3.0} on validation data.
+When the spec has evaluation sets with labelled rows and does not set `alpha`, α is chosen on them
+as the authors do (grid 0.2…3.0 then ±0.1, best mean normalised score: static/alpha_select.py).
 
 Deviations from the official code, and why:
 - round() is Python's (half to even) as in the official code, but when s would exceed r (tiny matrices,

@@ -65,12 +65,12 @@ def run(ctx: JobContext) -> MethodResult:
     """Read the experts, fuse them into the anchor's shapes, write the checkpoint into ctx.out_dir."""
     from merge_ops.checkpoint import (
         TORCH_DTYPES,
-        CheckpointReader,
         CheckpointWriter,
         TensorSpec,
         copy_aux_files,
     )
     from merge_ops.context import MethodResult
+    from merge_ops.lora.reader import open_checkpoint
     from merge_ops.ot.fusion import FusionOptions, fuse
     from merge_ops.spec import parse_size
 
@@ -81,7 +81,7 @@ def run(ctx: JobContext) -> MethodResult:
                         resid_policy=p["resid_policy"], seed=spec.seed)
     sds, cfgs, dtypes = [], [], []
     for e in ctx.experts:
-        with CheckpointReader(e.path) as r:
+        with open_checkpoint(e) as r:  # an expert given as model+adapter: with its delta
             cfgs.append(r.config())
             sds.append({k: r.read(k).clone() for k in r.names()})
             dtypes.append({k: r.dtype(k) for k in r.names()})

@@ -2,8 +2,8 @@
 
 mergekit's `passthrough` for plain `models:` configs: exactly one input model, every tensor copied
 (times its `scale`, when set). mergekit uses it mostly with `slices` to stack layer ranges
-(frankenmerges); slices are not read by Alloy's mergekit import, so here it is a copy, a dtype
-conversion or a uniform rescale. The one model is the single expert; a base may not be given as
+(frankenmerges), which `merge_ops/static/slices.py` plans; for a plain `models:` config it is a copy,
+a dtype conversion or a uniform rescale. The one model is the single expert; a base may not be given as
 well (mergekit: at most one input).
 """
 

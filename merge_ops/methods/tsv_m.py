@@ -18,6 +18,8 @@ For each matrix (a 2-D tensor not matched by `exclude`, see static/spectral.py) 
 
 Defaults: alpha 1, as FusionBench's config and its committed CLIP ViT-B/32 8-task result (83.1); the
 authors sweep α ∈ {0.1, …, 3.0} on labelled validation data and report the best.
+When the spec has evaluation sets with labelled rows and does not set `alpha`, α is chosen on them
+as the authors do (grid 0.2…3.0 then ±0.1, best mean normalised score: static/alpha_select.py).
 
 Deviations from the official code, and why:
 - k = r // T. The official int(r·(1/T)) is one less for some (r, T), e.g. T = 49, by float rounding.

@@ -22,7 +22,10 @@ the minimum-norm one, which is where gradient descent from Σ τₜ converges (i
 and never leaves it). This is RegMean with a data-free Gram (the reference's derivation; the official code
 never computes it). It is computed in float64 from S = Q·Λ·Qᵀ, eigenvalues ≤ n·eps·λ_max counted as zero.
 It is *not* the official result: 300 Adam steps at lr 1e-5 move each entry by at most ~3e-3, a truncated
-optimisation, so the default stays the paper's Adam.
+optimisation, so the default stays the paper's Adam. Measured: on 4 MiniLM experts of the encoder
+benchmark the closed form keeps 0.369 of the experts' accuracy (TSV-M 0.968): directions that the task
+vectors barely span (eigenvalues just above the cut-off) get updates of size |C·q|/λ, which the truncated
+Adam never takes. It stays an option for analysis, not a solver to merge with.
 
 Implementation: S and C are accumulated once (one task vector in memory at a time), so an Adam step is
 one m×n×n product whatever T; the gradient handed to torch.optim.Adam is the one autograd computes on the

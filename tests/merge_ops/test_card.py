@@ -45,13 +45,17 @@ def test_card_front_matter_body_and_facts(tmp_path):
     write_card(out, spec, base, experts, result, job_id="job-7")
     card = (out / "README.md").read_text()
     meta = _front_matter(card)
-    assert meta == {"base_model": ["org/base", "org/code", "math"], "base_model_relation": "merge",
+    # base_model lists hub ids only; the local expert is named by its fingerprint, never its folder
+    assert meta == {"base_model": ["org/base", "org/code"], "base_model_relation": "merge",
                     "tags": ["merge", "alloy", "ties"], "library_name": "transformers"}
+    assert "/models/math" not in card and "local:cccccccccccc" in card
     assert "# code-math" in card and "https://arxiv.org/abs/2306.01708" in card
     for commit in ("a" * 40, "b" * 40, "local:" + "c" * 64):
         assert commit in card
     assert "job `job-7`" in card and "| tensors | 42 |" in card
     recipe = yaml.safe_load(card.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert recipe["experts"][1]["model"] == "local:cccccccccccc"
+    recipe["experts"][1]["model"] = "/models/math"
     assert MergeSpec.model_validate(recipe).model_dump(exclude={"notify"}) == spec.model_dump(exclude={"notify"})
     assert "s3cr3t" not in card and "hooks.example.com" not in card
 
@@ -60,7 +64,8 @@ def test_card_front_matter_body_and_facts(tmp_path):
     assert [(i["role"], i["name"], i["repo"], i["revision"], i["commit"]) for i in facts["inputs"]] == [
         ("base", "org/base", "org/base", "v1", "a" * 40), ("expert", "code", "org/code", "main", "b" * 40),
         ("expert", "math", None, None, "local:" + "c" * 64)]
-    assert MergeSpec.model_validate(facts["spec"]).experts == spec.experts
+    assert facts["inputs"][2]["ref"] == facts["spec"]["experts"][1]["model"] == "local:cccccccccccc"
+    assert "/models/math" not in json.dumps(facts)
     assert "s3cr3t" not in json.dumps(facts) and facts["created_at"] and facts["alloy_version"]
 
 

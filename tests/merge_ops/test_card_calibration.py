@@ -28,6 +28,7 @@ def test_card_records_calibration_sha256(tmp_path):
     sha = {t: hashlib.sha256(p.read_bytes()).hexdigest() for t, p in files.items()}
     facts = json.loads((out / "alloy_merge.json").read_text())
     assert facts["calibration"] == [{"task": "code", "ref": "cal_" + "a" * 32, "sha256": sha["code"]},
-                                    {"task": "math", "ref": str(files["math"]), "sha256": sha["math"]}]
+                                    {"task": "math", "ref": files["math"].name, "sha256": sha["math"]}]
     card = (out / "README.md").read_text()
+    assert str(tmp_path) not in card and str(tmp_path) not in json.dumps(facts)  # a file by name, never a path
     assert "## Calibration data" in card and f"`{sha['code']}`" in card and f"`{sha['math']}`" in card

@@ -496,6 +496,11 @@ def test_spec_declarations_are_checked_without_torch():
 
     with pytest.raises(ValidationError, match="evaluation set name"):
         EvaluateSpec(sets={"bad name": "x"})
+    # a head is a name under the merged model's heads/, never a file the worker would open anywhere
+    assert EvaluateSpec(sets={"c": {"set": "x", "head": "sst2.v2"}}).sets["c"].head == "sst2.v2"
+    for head in ("/etc/secret.safetensors", "../other/heads/x", "x.safetensors", ".hidden", "a/b"):
+        with pytest.raises(ValidationError, match="must be the name of a task head"):
+            EvaluateSpec(sets={"c": {"set": "x", "head": head}})
 
 
 # ---- model-index ------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ release, and run() end to end on a tiny BERT with heads and a tiny Llama."""
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import math
 import weakref
@@ -14,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from merge_ops.context import JobContext, ResolvedModel
+from merge_ops.errors import SpecError
 from merge_ops.learned import chunking, driver, teacher_cache
-from merge_ops.learned.adapters import build_adapter
+from merge_ops.learned.adapters import Output, build_adapter
 from merge_ops.learned.batches import IndexSampler, collate
 from merge_ops.learned.coefficients import Coefficients
 from merge_ops.learned.engine import MergeEngine, Step, load_merge_inputs
@@ -176,6 +178,105 @@ def test_causal_lm_alignment_is_token_level_over_real_tokens(llama):
     assert float(lg) == pytest.approx(float(entropy), abs=2e-3)
 
 
+def _llama_cache(llama, layers: list[int], dtype=torch.float64):
+    base, experts, cal = llama
+    tasks = list(experts)
+    adapter = build_adapter(base, dtype)
+    inputs = load_merge_inputs(base, list(experts.values()), tasks, dtype=dtype, only=adapter.used)
+    adapter.bind(inputs.base)
+    samples = {t: [json.loads(x)["input_ids"] for x in cal[t].read_text().splitlines()] for t in tasks}
+    cache = build_teacher_cache(adapter, experts, {}, samples, layers, base=inputs.base, batch_size=3, dtype=dtype)
+    return adapter, inputs, cache
+
+
+def test_variance_normalised_hidden_loss_equals_float64_formula(llama, monkeypatch):
+    """hidden_norm variance: Σ (h − h_t)² / (var_t + 1e-6·mean var_t) / #entries per layer, var_t the
+    teacher's per-dimension population variance over all of the task's cached tokens."""
+    monkeypatch.setattr(teacher_cache, "CACHE_DTYPE", torch.float64)
+    adapter, inputs, cache = _llama_cache(llama, [1, 2])
+    scale = expert_merging.teacher_variance(cache, "x")
+    tc = cache.tasks["x"]
+    variances = []
+    for j in range(2):
+        h = torch.cat([tc.hidden[i][j] for i in range(len(tc.samples))]).double()
+        var = ((h - h.mean(0)) ** 2).mean(0)
+        variances.append(var + 1e-6 * var.mean())
+        torch.testing.assert_close(scale[j].double(), 1 / variances[-1], rtol=1e-6, atol=0)
+    engine = MergeEngine(inputs, ParamGroups(inputs.merged_shapes(), "task"), init=[0.4, 0.3],
+                         parameterisation="none")
+    batch, tgt = cache.batch("x", [0, 5, 7, 2])
+    out = adapter.forward(engine.merged_params(), {}, batch, layers=[1, 2])
+    _, hd = expert_merging.alignment_loss(out, tgt, temperature=1.0, hidden_weight=0.5, hidden_scale=scale)
+    want = 0.5 * sum(float((((out.hidden[j].double() - tgt.hidden[j].double()) ** 2) / variances[j]).sum())
+                     / out.hidden[j].numel() for j in range(2)) / 2
+    assert float(hd.detach()) == pytest.approx(want, rel=1e-9)
+    _, plain = expert_merging.alignment_loss(out, tgt, temperature=1.0, hidden_weight=0.5)
+    assert float(plain.detach()) != pytest.approx(want, rel=1e-3)  # the scale does change the loss
+    # scale-free: the same states ×1000 (teacher and student) give the same normalised loss
+    big = Output(out.logits, tuple(h * 1000 for h in out.hidden))
+    tbig = teacher_cache.Targets(tgt.logits, [h * 1000 for h in tgt.hidden])
+    _, hd_big = expert_merging.alignment_loss(big, tbig, temperature=1.0, hidden_weight=0.5,
+                                              hidden_scale=[s / 1e6 for s in scale])
+    assert float(hd_big.detach()) == pytest.approx(want, rel=1e-6)  # the weights are stored in float32
+
+
+def test_init_search_starts_at_the_lambda_with_the_lowest_calibration_nll(llama):
+    """The criterion is the task-arithmetic model's own next-token NLL on each task's probe rows (mean
+    over real tokens, then β-weighted mean over tasks), recomputed here in float64 with a plain HF
+    model run row by row (no padding, no packing) on hand-merged weights θ₀ + λ Σ_k τ_k."""
+    from transformers import AutoModelForCausalLM
+
+    base_dir = llama[0]
+    adapter, inputs, cache = _llama_cache(llama, [1])
+    tasks = list(inputs.experts)
+    engine = MergeEngine(inputs, ParamGroups(inputs.merged_shapes(), "layer"), init=0.1,
+                         parameterisation="sigmoid")
+    beta = [1.0, 2.0]
+    obj = expert_merging.Objective(engine, adapter, cache, IndexSampler(dict.fromkeys(tasks, 12), 4),
+                                   alpha0=torch.tensor([0.1, 0.1], dtype=torch.float64), beta=beta,
+                                   temperature=1.0, hidden_weight=1.0, gamma=5.0)
+    probes = {"x": [0, 1, 2, 3, 4], "y": [5, 7, 9]}  # rows of 2..7 tokens; batches of 2 pad and split
+    best, curve = expert_merging.search_init(engine, obj, probes, batch_size=2)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float64).eval()
+    by_hand = {}
+    for lam in expert_merging.INIT_GRID:
+        merged = {n: inputs.base[n] + lam * tv.sum(0) for n, tv in inputs.task_vectors.items()}
+        assert not model.load_state_dict(merged, strict=False).unexpected_keys
+        total = 0.0
+        for b, t in zip(beta, tasks, strict=True):
+            nll, count = 0.0, 0
+            for i in probes[t]:
+                ids = torch.tensor([cache.tasks[t].samples[i]])
+                with torch.no_grad():
+                    logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+                nll -= float(logp.gather(-1, ids[0, 1:, None]).sum())
+                count += ids.shape[1] - 1
+            total += b * nll / count / len(tasks)
+        by_hand[lam] = total
+    # rel 1e-6: the packed forward and the row-by-row one differ by float32 rotary/mask rounding
+    # (~3e-8); the grid points differ by ~1e-3, so the choice below is decided by the criterion
+    assert curve == pytest.approx(by_hand, rel=1e-6)
+    v = sorted(by_hand.values())
+    assert min(b - a for a, b in itertools.pairwise(v)) > 1e-4 * v[0]
+    assert best == min(by_hand, key=by_hand.get)
+    torch.testing.assert_close(engine.coefficients().detach(), torch.full_like(engine.raw, best))
+
+
+def test_init_search_on_an_encoder_is_a_spec_error(bert, tmp_path):
+    base, experts, cal = bert
+    ctx = _ctx(tmp_path / "out", base, experts, cal, True, steps=1, init_search="on")
+    with pytest.raises(SpecError, match="init_search"):
+        run_method(ctx)
+
+
+def test_kind_defaults_resolve_auto_and_keep_encoder_behaviour():
+    p = {"hidden_norm": "auto", "init_search": "auto"}
+    assert expert_merging.resolve_auto(p, True) == {"hidden_norm": "variance", "init_search": "on"}
+    assert expert_merging.resolve_auto(p, False) == {"hidden_norm": "none", "init_search": "off"}
+    assert expert_merging.resolve_auto({"hidden_norm": "none", "init_search": "on"}, True) == {
+        "hidden_norm": "none", "init_search": "on"}
+
+
 # -- importance and chunks ---------------------------------------------------------------------------
 def test_importance_matches_formula():
     alpha = {"a": [0.5, -0.2], "b": [0.1, 0.1]}
@@ -249,6 +350,7 @@ def test_run_chunked_bert_releases_teachers_writes_checkpoint_plan_and_facts(ber
     m = facts["metrics"]
     assert m["teacher_cache_mib"] > 0 and m["task_vectors_mib"] > 0
     assert m["variant"] == "Expert Merging++" and m["steps"] == 6
+    assert m["hidden_norm"] == "none" and m["init_search"] == "off" and "alpha0_chosen" not in m  # encoder
     plan, imp = m["chunk_plan"], m["importance"]
     assert set(plan) == set(imp) and sum(plan.values()) <= m["chunk_budget"] == len(plan)
     assert sum(imp.values()) == pytest.approx(1.0, abs=1e-4)
@@ -295,6 +397,8 @@ def test_run_causal_lm_end_to_end(llama, tmp_path):
     m = res.metrics
     # experts are base + independent noise: each task pulls its own expert's coefficient up from α₀
     assert m["hidden_layers"] == [1] and all(v > 0.1 for v in m["coefficient_mean"].values())
+    assert m["hidden_norm"] == "variance" and m["init_search"] == "on"  # causal LM defaults
+    assert m["alpha0_chosen"] in expert_merging.INIT_GRID and len(m["init_search_loss"]) == 3
     written = load_file(str(ctx.out_dir / "model.safetensors"))
     b = load_file(str(base / "model.safetensors"))
     for n in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
