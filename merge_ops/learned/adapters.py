@@ -60,8 +60,11 @@ class Adapter:
         own = {n: t for n, t in base.items() if n in self.names}
         self.layout.remember(own)
         self.module.load_state_dict(self.layout.to_module(own), strict=False, assign=True)
-        if any(p.is_meta for p in self.module.parameters()) and hasattr(self.module, "tie_weights"):
-            self.module.tie_weights()  # a tied head the checkpoint does not store: the bound embedding
+        tied = bool(getattr(self.module.config, "tie_word_embeddings", False))
+        if (tied or any(p.is_meta for p in self.module.parameters())) and hasattr(self.module, "tie_weights"):
+            # a tied head the checkpoint does not store: the bound embedding (assign=True replaced the
+            # embedding, so without re-tying the head keeps from_config's random init)
+            self.module.tie_weights()
         for p in self.module.parameters():
             p.requires_grad_(False)
 

@@ -459,3 +459,28 @@ def test_warm_stage_two_learns_at_the_scaled_lr(bert, tmp_path, monkeypatch, war
     run_method(_ctx(tmp_path / "out", base, experts, cal, True, chunked=True, steps=2, lr=0.3,
                             warm_start=warm, stage2_lr_scale=0.25))
     assert lrs == pytest.approx(want)
+
+
+def test_bound_causal_lm_with_a_tied_head_uses_the_embedding_as_head(llama, tmp_path):
+    """A tied checkpoint stores no lm_head: after `bind` the head must be the bound embedding, not
+    from_config's random init (which made every causal-LM objective score a random head)."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    src = llama[0]
+    tied = tmp_path / "tied"
+    shutil.copytree(src, tied)
+    cfg = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    w = {n: t for n, t in load_file(str(src / "model.safetensors")).items() if n != "lm_head.weight"}
+    save_file(w, str(tied / "model.safetensors"))
+    adapter = build_adapter(tied, torch.float64)
+    adapter.bind({n: t.double() for n, t in w.items()})
+    ids = [3, 9, 4, 17, 5]
+    with torch.no_grad():
+        got = adapter.forward({}, {}, collate([ids], adapter.pad_id())).logits
+        ref = AutoModelForCausalLM.from_pretrained(str(tied), dtype=torch.float64)(
+            input_ids=torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(got, ref)
