@@ -29,14 +29,9 @@ class Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device))
 
 
-def read_samples(path: str | Path, *, tokenizer: object | None = None, max_length: int = 64,
-                 limit: int | None = None, seed: int = 0, label: str | None = None) -> list[list[int]]:
-    """Token ids of every sample in a JSONL file (or `limit` of them, chosen by `seed`)."""
-    rows = read_rows(path, label=label)
-    source = label or str(path)
-    if rows[0].kind != "tokens":
-        raise CalibrationError(f"{source}:{rows[0].line}: a learned merge reads text or input_ids, not input "
-                               "vectors", param=source)
+def token_ids_by_line(rows, tokenizer, max_length: int, source: str) -> dict[int, list[int]]:
+    """Each row's token ids by line number: `input_ids` as given, `text` through the base's tokenizer
+    (both cut at `max_length`)."""
     texts = [r for r in rows if r.text is not None]
     ids = {r.line: list(r.input_ids[:max_length]) for r in rows if r.input_ids is not None}
     if texts:
@@ -45,6 +40,18 @@ def read_samples(path: str | Path, *, tokenizer: object | None = None, max_lengt
                                    '"input_ids" instead', param=source)
         enc = tokenizer([r.text for r in texts], truncation=True, max_length=max_length)["input_ids"]  # type: ignore[operator]
         ids.update({r.line: list(x) for r, x in zip(texts, enc, strict=True)})
+    return ids
+
+
+def read_samples(path: str | Path, *, tokenizer: object | None = None, max_length: int = 64,
+                 limit: int | None = None, seed: int = 0, label: str | None = None) -> list[list[int]]:
+    """Token ids of every sample in a JSONL file (or `limit` of them, chosen by `seed`)."""
+    rows = read_rows(path, label=label)
+    source = label or str(path)
+    if rows[0].kind != "tokens":
+        raise CalibrationError(f"{source}:{rows[0].line}: a learned merge reads text or input_ids, not input "
+                               "vectors", param=source)
+    ids = token_ids_by_line(rows, tokenizer, max_length, source)
     out = [ids[line] for line in sorted(ids) if ids[line]]
     if not out:
         raise CalibrationError(f"{source} has no samples", param=source)

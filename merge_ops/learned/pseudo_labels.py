@@ -38,6 +38,7 @@ def labelled_rows(paths: Mapping[str, str | Path], tasks: list[str], *, tokenize
     "label"); `limit` rows chosen by `seed` as `batches.read_samples` chooses them."""
     from merge_ops.evaluation.declarations import EvalSetError
     from merge_ops.evaluation.rows import read_eval_set
+    from merge_ops.learned.batches import token_ids_by_line
 
     out = {}
     for t in tasks:
@@ -47,14 +48,7 @@ def labelled_rows(paths: Mapping[str, str | Path], tasks: list[str], *, tokenize
         except EvalSetError as e:
             raise CalibrationError(f"calibration set of {t!r}: the supervised objective needs a class "
                                    f'"label" on every row: {e.message}', param=src) from None
-        texts = [r for r in rows if r.text is not None]
-        ids = {r.line: list(r.input_ids[:max_length]) for r in rows if r.input_ids is not None}
-        if texts:
-            if tokenizer is None:
-                raise CalibrationError(f"{src} holds text but the base model has no tokenizer files: give "
-                                       '"input_ids" instead', param=src)
-            enc = tokenizer([r.text for r in texts], truncation=True, max_length=max_length)["input_ids"]  # type: ignore[operator]
-            ids.update({r.line: list(x) for r, x in zip(texts, enc, strict=True)})
+        ids = token_ids_by_line(rows, tokenizer, max_length, src)
         label = {r.line: int(r.label) for r in rows if r.label is not None}
         lines = [ln for ln in sorted(ids) if ids[ln]]
         if limit is not None and limit < len(lines):
