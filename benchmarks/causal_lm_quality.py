@@ -274,7 +274,9 @@ def finetune(d: str, rows: list, args) -> Path:
             log["checks"].append([step, dl])
             print(f"  [finetune {d}] step {step} loss {loss.item():.3f} dev {dl:.3f} (base {base_dev:.3f}, "
                   f"{1 - dl / base_dev:.1%}) {time.time() - t0:.0f}s", flush=True)
-            if dl <= (1 - args.ft_target) * base_dev:
+            # exact-match experts also train for ft_min_steps_em: their answer loss reaches the target
+            # within ~10 steps, long before greedy answers are right (arith had 0/200 at 10 steps)
+            if dl <= (1 - args.ft_target) * base_dev and (d not in EM_DOMAINS or step >= args.ft_min_steps_em):
                 break
     log |= {"steps": step, "seconds": round(time.time() - t0, 1), "lr": args.ft_lr, "batch": 8}
     model.save_pretrained(str(out))
@@ -334,8 +336,28 @@ def calibration(data: dict, experts: dict[str, Path]) -> dict[str, Path]:
         else:
             prompts = [r[0] for r in rows]
             ans = greedy(experts[d], prompts)
-            lines = [{"input_ids": tok(p)["input_ids"] + a} for p, a in zip(prompts, ans, strict=True)]
+            # prompt-completion rows: a learned causal-LM objective scores the answer's predictions only
+            lines = [{"input_ids": (q := tok(p)["input_ids"]) + a, "completion_mask": [0] * len(q) + [1] * len(a)}
+                     for p, a in zip(prompts, ans, strict=True)]
         f.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+    return out
+
+
+def learn_files(cal: dict[str, Path]) -> dict[str, Path]:
+    """The calibration rows learned merges see: all but the first CAL_SEARCH, which score a task-arithmetic
+    λ and a learned method's settings (--select), so a setting is never chosen on rows it learned from."""
+    out = {}
+    for d, f in cal.items():
+        g = f.with_suffix(".learn.jsonl")
+        if not g.exists():
+            g.write_text("".join(f.read_text().splitlines(keepends=True)[CAL_SEARCH:]))
+        out[d] = g
+        # the ablation of prompt-completion rows: the same ids, every token scored
+        h = f.with_suffix(".learn_alltok.jsonl")
+        if not h.exists():
+            h.write_text("".join(json.dumps({"input_ids": json.loads(x)["input_ids"]}) + "\n"
+                                 for x in g.read_text().splitlines()))
+        out[f"{d}:alltok"] = h
     return out
 
 
@@ -602,6 +624,7 @@ def main() -> None:
     ap.add_argument("--ft-lr", type=float, default=4e-4)
     ap.add_argument("--ft-max-steps", type=int, default=90)
     ap.add_argument("--ft-check", type=int, default=10)
+    ap.add_argument("--ft-min-steps-em", type=int, default=60, help="least steps of an exact-match expert")
     ap.add_argument("--ft-target", type=float, default=0.26, help="stop when dev loss is this much under base")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--rows", default="static,dare,ada_task,ada_layer,em,empp")
@@ -613,6 +636,8 @@ def main() -> None:
     ap.add_argument("--merge-only", action="store_true", help="run the --rows merges, evaluate nothing")
     ap.add_argument("--note", default="", help="recorded in the JSON (e.g. why fewer seeds than three)")
     ap.add_argument("--eval-learned", action="store_true", help="evaluate the learned --rows merges only")
+    ap.add_argument("--select", action="store_true", help="score the learned --rows on the calibration split "
+                    "(rows no learned merge sees) into results/causal_lm_selection.json; evaluate nothing held-out")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "causal_lm_quality.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -625,6 +650,7 @@ def main() -> None:
     if args.stage == "experts":
         return
     cal = calibration(data, experts)
+    learn = learn_files(cal)
     which = set(args.rows.split(","))
     seeds = [int(x) for x in args.seeds.split(",") if x]
     learned = {
@@ -638,14 +664,26 @@ def main() -> None:
         # NLL init search picks 0.3 here too, so this row checks that the search adds nothing else
         "em_a03": ("Expert Merging, α₀ 0.3 (ablation)", "expert_merging", {"init_search": "off", "alpha0": 0.3},
                    True),
+        # settings scored on the calibration split only (--select): Expert Merging's causal-LM defaults
+        "em_a01": ("Expert Merging, α₀ 0.1, no init search", "expert_merging", {"init_search": "off"}, True),
+        "em_lr01": ("Expert Merging, lr 0.1", "expert_merging", {"lr": 0.1}, True),
+        "em_h0": ("Expert Merging, logits only", "expert_merging", {"hidden_weight": 0.0}, True),
+        "em_g50": ("Expert Merging, γ 50", "expert_merging", {"gamma": 50.0}, True),
+        "em_alltok": ("Expert Merging, every token scored", "expert_merging", {"_every_token": True}, True),
+        "ada_alltok": ("AdaMerging (layer-wise), every token scored", "adamerging",
+                       {"granularity": "layer", "_every_token": True}, True),
+        "ada_layer_sel": ("AdaMerging (layer-wise)", "adamerging", {"granularity": "layer"}, True),
     }
 
     def seeded(key: str, seed: int) -> tuple[Path, dict, str]:
         _, method, params, uses_cal = learned[key]
+        params = dict(params)
+        files = ({d: learn[f"{d}:alltok"] for d in DOMAINS} if params.pop("_every_token", False)
+                 else {d: learn[d] for d in DOMAINS})
         p = {**params, **({"steps": args.steps, "batch_size": args.batch} if uses_cal else {})}
         tag = f"{key}-s{seed}" + (f"-n{args.steps}-b{args.batch}-c{args.samples}" if uses_cal
                                   else f"-l{params['lambda']}")
-        out, info = merge(tag, method, p, experts, seed=seed, cal=cal if uses_cal else None, samples=args.samples)
+        out, info = merge(tag, method, p, experts, seed=seed, cal=files if uses_cal else None, samples=args.samples)
         return out, info, tag
 
     if args.merge_only:  # the learned merges alone (a second process can run them beside the evaluations)
@@ -688,6 +726,24 @@ def main() -> None:
             infos.append(info)
             print(f"  {name} seed {seed}: {normalised(res[-1], base_h, exp_h)} ({info['wall_s']}s)", flush=True)
         return summarise(name, res, base_h, exp_h, infos)
+
+    if args.select:  # settings of the learned methods, scored on the calibration split (never held-out)
+        sel_file = ROOT / "results" / "causal_lm_selection.json"
+        sel = json.loads(sel_file.read_text()) if sel_file.exists() else {}
+        for key in learned:
+            if key in which and learned[key][3]:
+                out, info, tag = seeded(key, seeds[0])
+                r = evaluate(out, cset, f"{tag}.cal2")
+                drop_weights(out)
+                per = summarise(learned[key][0], [r], base_c, exp_c, [info])
+                sel[tag] = {"method": learned[key][0], "parameters": learned[key][2],
+                            "calibration_avg_norm_gain": per["avg_norm_gain"],
+                            "per_domain": per["per_domain"], "wall_s": info["wall_s"],
+                            "loss_first": info["metrics"].get("loss_first"),
+                            "loss_final": info["metrics"].get("loss_final")}
+                print(f"  select {tag}: calibration mean normalised gain {per['avg_norm_gain']}", flush=True)
+                sel_file.write_text(json.dumps(sel, indent=1, ensure_ascii=False) + "\n")
+        return
 
     if args.eval_learned:  # evaluate the learned merges as they finish (beside a run doing the rest)
         for key in ("ada_task", "ada_layer", "empp", "em", "em_a03"):

@@ -4,9 +4,14 @@ A calibration set is JSONL, one object per line (blank lines are skipped):
 
     {"text": "..."}               tokenised with the base's tokenizer (OT fusion: the anchor's)
     {"input_ids": [1, 2, ...]}     token ids as they are
+    {"prompt": "...", "completion": "..."}                  prompt-completion (TRL's format)
+    {"input_ids": [...], "completion_mask": [0, 0, 1, ...]}  the same, tokenised (TRL's field name)
     {"input": [0.1, 0.2, ...]}     a feature vector, for small non-HF models (OT fusion of MLP/CNN)
 
-Any other key (a label, an id) is ignored, so a learned merge can never see labels. A set holds token
+Prompt-completion rows are whole rows to a model (prompt then completion); a causal LM's learned
+objective scores only the predictions of completion tokens (merge_ops/learned/batches.py): a prompt
+is context, not the task. Any other key (a label, an id) is ignored, so a learned merge can never see
+labels. A set holds token
 rows (text and/or input_ids) or input rows, not both. Errors name the line: `<file>:<n>: ...` for a
 file, `line <n>: ...` for an upload. The CLI, the service's upload check, the learned engine and OT
 fusion all read sets through `parse_rows`.
@@ -44,9 +49,11 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 @dataclass(frozen=True)
 class Row:
     line: int  # 1-based, for messages
-    text: str | None = None
+    text: str | None = None  # a prompt-completion row's prompt
     input_ids: tuple[int, ...] | None = None
     input: tuple[float, ...] | None = None
+    completion: str | None = None  # {"prompt", "completion"} rows
+    completion_mask: tuple[int, ...] | None = None  # {"input_ids", "completion_mask"} rows: 1 = completion
 
     @property
     def kind(self) -> str:
@@ -70,7 +77,20 @@ def parse_row(obj: Any, line: int, source: str | None = None) -> Row:
         if not isinstance(ids, list) or not ids or not all(
                 isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_TOKEN_ID for t in ids):
             raise bad("input_ids must be a non-empty list of token ids (integers >= 0)")
+        mask = obj.get("completion_mask")
+        if mask is not None:
+            if not isinstance(mask, list) or len(mask) != len(ids) or any(
+                    m not in (0, 1) or isinstance(m, bool) for m in mask) or 1 not in mask[1:]:
+                raise bad("completion_mask must be a list of 0/1, one per input id, with 1 on the completion's "
+                          "tokens (at least one, after the first token)")
+            return Row(line, input_ids=tuple(ids), completion_mask=tuple(mask))
         return Row(line, input_ids=tuple(ids))
+    if "prompt" in obj or "completion" in obj:
+        prompt, completion = obj.get("prompt"), obj.get("completion")
+        if not isinstance(prompt, str) or not prompt.strip() or not isinstance(completion, str) \
+                or not completion.strip():
+            raise bad("a prompt-completion row needs \"prompt\" and \"completion\", both non-empty strings")
+        return Row(line, text=prompt, completion=completion)
     if "text" in obj:
         text = obj["text"]
         if not isinstance(text, str) or not text.strip():
@@ -82,8 +102,8 @@ def parse_row(obj: Any, line: int, source: str | None = None) -> Row:
                 isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in x):
             raise bad("input must be a non-empty list of finite numbers")
         return Row(line, input=tuple(float(v) for v in x))
-    raise bad('a line needs "text" (a string), "input_ids" (a list of token ids) or "input" (a list of '
-              "numbers)")
+    raise bad('a line needs "text" (a string), "input_ids" (a list of token ids), "prompt" and "completion" '
+              '(strings) or "input" (a list of numbers)')
 
 
 def iter_rows(lines: Iterable[str | bytes], source: str | None = None) -> Iterator[Row]:

@@ -59,6 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--worker-concurrency", type=int, default=1)
+    p.add_argument("--start-timeout", type=float, default=180.0, metavar="S",
+                   help="seconds to wait for the API to answer before giving up (raise it on a loaded machine)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("submit", help="submit a spec to the API; --wait follows its progress")
@@ -135,9 +137,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the process that started it dies, so a
+    supervisor killed with SIGKILL leaves no orphaned API, worker or broker behind (each child has its
+    own session, so the supervisor's process group does not reach them)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: no such guard
+        pass
+
+
 def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     out = log.open("ab")
-    return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
 
 def stop_processes(procs: list[subprocess.Popen], grace: float = 15.0) -> None:
@@ -267,9 +282,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         "scheduler": worker_process("scheduler"),
     })
     sup = Supervisor(children, env, logs)
+    # SIGINT stops us even when started from a non-interactive shell's background job, which would
+    # otherwise inherit SIGINT as ignored (and Python would then never raise KeyboardInterrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         sup.start_all()
-        wait_http(f"http://{args.host}:{args.port}/healthz", 60, sup.running())
+        try:
+            wait_http(f"http://{args.host}:{args.port}/healthz", args.start_timeout, sup.running())
+        except TimeoutError:
+            from merge_ops.errors import AlloyError
+
+            raise AlloyError(f"the API did not answer within {args.start_timeout:g} s (see {logs / 'api.log'}); "
+                              "on a loaded machine raise --start-timeout") from None
         print(f"Alloy is up: http://{args.host}:{args.port} (docs: /docs); logs in {logs}", flush=True)
         if not os.environ.get("ALLOY_TOKENS"):
             print(f"API token (tenant `local`) in {data / 'dev-token'}", flush=True)

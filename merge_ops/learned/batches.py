@@ -2,7 +2,12 @@
 
 Rows come from the one calibration parser (merge_ops/calibration.py): `{"text"}` rows are
 tokenised with the base model's tokenizer, `{"input_ids"}` rows are kept (cut at `max_length`);
-nothing else of a row is read, so a learned merge cannot see labels. Batches come from one seeded
+nothing else of a row is read, so a learned merge cannot see labels. A prompt-completion row becomes
+one `Sample` (prompt then completion) that remembers which tokens are the completion; its batch's
+`loss_mask` marks the positions whose next-token prediction is a completion token, the only ones a
+causal LM's objective scores (an answer-only expert models the prompt worse than the base: aligning
+a merge with it there would teach it to lose the prompt, and a short answer after a long prompt
+would be a small share of the loss). Batches come from one seeded
 generator per task that reshuffles at each pass (DataLoader(shuffle=True) semantics), so a seed
 fixes every batch of every step.
 """
@@ -20,31 +25,64 @@ from merge_ops.calibration import has_tokenizer, read_rows
 from merge_ops.errors import CalibrationError
 
 
+class Sample(list):
+    """A row's token ids; `completion` is the 0/1 completion mask of a prompt-completion row (None:
+    every token is the row's own)."""
+
+    completion: tuple[int, ...] | None = None
+
+
+def sample(ids: list[int], completion: tuple[int, ...] | list[int] | None = None) -> Sample:
+    out = Sample(ids)
+    if completion is not None:
+        out.completion = tuple(completion)
+    return out
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # [B, T] long, right-padded
     attention_mask: torch.Tensor  # [B, T] long, 1 on real tokens
+    # [B, T] bool: positions whose next-token prediction is scored (None: every real position)
+    loss_mask: torch.Tensor | None = None
 
     def to(self, device: str | torch.device) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device))
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device),
+                     None if self.loss_mask is None else self.loss_mask.to(device))
+
+    def scored(self) -> torch.Tensor | None:
+        """[n_real] bool over the real tokens in batch order (how causal-LM outputs are packed), or None."""
+        return None if self.loss_mask is None else self.loss_mask[self.attention_mask.bool()]
 
 
-def token_ids_by_line(rows, tokenizer, max_length: int, source: str) -> dict[int, list[int]]:
+def token_ids_by_line(rows, tokenizer, max_length: int, source: str) -> dict[int, Sample]:
     """Each row's token ids by line number: `input_ids` as given, `text` through the base's tokenizer
-    (both cut at `max_length`)."""
+    (both cut at `max_length`); a prompt-completion row's prompt and completion are tokenised apart
+    (the completion without special tokens) and joined, as TRL does."""
     texts = [r for r in rows if r.text is not None]
-    ids = {r.line: list(r.input_ids[:max_length]) for r in rows if r.input_ids is not None}
+    ids = {r.line: sample(list(r.input_ids[:max_length]), r.completion_mask and r.completion_mask[:max_length])
+           for r in rows if r.input_ids is not None}
     if texts:
         if tokenizer is None:
             raise CalibrationError(f"{source} holds text but the base model has no tokenizer files: give "
                                    '"input_ids" instead', param=source)
         enc = tokenizer([r.text for r in texts], truncation=True, max_length=max_length)["input_ids"]  # type: ignore[operator]
-        ids.update({r.line: list(x) for r, x in zip(texts, enc, strict=True)})
+        pairs = [(r, x) for r, x in zip(texts, enc, strict=True) if r.completion is not None]
+        comp = tokenizer([r.completion for r, _ in pairs], add_special_tokens=False)["input_ids"] if pairs else []  # type: ignore[operator]
+        done = {}
+        for (r, x), c in zip(pairs, comp, strict=True):
+            done[r.line] = sample((list(x) + list(c))[:max_length], ([0] * len(x) + [1] * len(c))[:max_length])
+        ids.update({r.line: done[r.line] if r.line in done else sample(list(x)) for r, x in zip(texts, enc, strict=True)})
+    for line, x in ids.items():
+        if x.completion is not None and 1 not in x.completion[1:]:
+            raise CalibrationError(f"{source}:{line}: the prompt fills max_length ({max_length} tokens): no completion "
+                                   "token is left to score; shorten the prompt or raise calibration.max_length",
+                                   param=source)
     return ids
 
 
 def read_samples(path: str | Path, *, tokenizer: object | None = None, max_length: int = 64,
-                 limit: int | None = None, seed: int = 0, label: str | None = None) -> list[list[int]]:
+                 limit: int | None = None, seed: int = 0, label: str | None = None) -> list[Sample]:
     """Token ids of every sample in a JSONL file (or `limit` of them, chosen by `seed`)."""
     rows = read_rows(path, label=label)
     source = label or str(path)
@@ -85,7 +123,14 @@ def collate(samples: list[list[int]], pad_id: int = 0) -> Batch:
     for i, x in enumerate(samples):
         ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
         mask[i, : len(x)] = 1
-    return Batch(ids, mask)
+    loss = None
+    if any(getattr(x, "completion", None) is not None for x in samples):
+        loss = mask.bool().clone()  # rows without a completion mask: every real position
+        for i, x in enumerate(samples):
+            c = getattr(x, "completion", None)
+            if c is not None:  # position t predicts token t + 1: scored when that token is the completion's
+                loss[i, : len(x)] = torch.tensor(list(c[1:]) + [0], dtype=torch.bool)
+    return Batch(ids, mask, loss)
 
 
 class IndexSampler:

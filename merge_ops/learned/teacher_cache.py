@@ -182,9 +182,11 @@ def build_teacher_cache(adapter: Adapter, expert_dirs: Mapping[str, Path | Resol
                 batch = collate(tc.samples[s: s + batch_size], pad).to(device)
                 out = adapter.forward(params, heads.get(task, {}), batch, layers=layers)
                 lens = batch.attention_mask.sum(1).tolist()
-                per_row = lens if isinstance(adapter, CausalLM) else [1] * len(lens)
-                for x in out.logits.split(per_row):
-                    tc.logits.append(_store(x))
+                causal = isinstance(adapter, CausalLM)
+                scored = batch.scored() if causal else None
+                keep = scored.split(lens) if scored is not None else [None] * len(lens)
+                for x, m in zip(out.logits.split(lens if causal else [1] * len(lens)), keep, strict=True):
+                    tc.logits.append(_store(x if m is None else x[m]))  # prompt-completion: completion only
                 hs = [h.split(lens) for h in out.hidden] if out.hidden else []
                 for r in range(len(lens)):
                     tc.hidden.append(StoredRows(tc.rows))

@@ -109,7 +109,11 @@ def learn(s: Session) -> Trained:
             batch = sampler.next(task)  # drawn on every rank: the batch streams stay those of one process
             if not st.owns(k):
                 continue
-            logits = s.adapter.forward(st.params, inputs.heads[task], batch.to(s.device)).logits
+            batch = batch.to(s.device)
+            logits = s.adapter.forward(st.params, inputs.heads[task], batch).logits
+            scored = batch.scored() if s.adapter.causal else None
+            if scored is not None:  # prompt-completion rows: the completion's predictions only
+                logits = logits[scored]
             st.backward(entropy_loss(logits, normalize=normalize, diversity=diversity))
             if step >= steps - window:  # collapse monitor over the last tenth of the steps
                 c = torch.bincount(logits.detach().argmax(-1).cpu(), minlength=logits.shape[-1]).float()

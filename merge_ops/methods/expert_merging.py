@@ -64,6 +64,7 @@ chunks start at α₀, m_ℓ = 0 tensors are fixed at α₀, and stage 2 learns 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Sequence
@@ -224,6 +225,9 @@ class Objective:
         """One task's (logit, hidden) alignment loss on samples `idx` under merged `params`."""
         batch, tgt = self.cache.batch(task, idx, self.device)
         out = self.adapter.forward(params, self.engine.inputs.heads.get(task, {}), batch, layers=self.cache.layers)
+        scored = batch.scored() if self.adapter.causal else None
+        if scored is not None:  # the cache holds the teacher's logits at these positions only
+            out = dataclasses.replace(out, logits=out.logits[scored])
         return alignment_loss(out, tgt, temperature=self.temperature, hidden_weight=self.hidden_weight,
                               hidden_scale=self.hidden_scale.get(task))
 
@@ -311,8 +315,9 @@ def resolve_auto(p: dict[str, Any], causal: bool) -> dict[str, str]:
 
 def next_token_nll(out: Output, batch: Batch) -> tuple[torch.Tensor, int]:
     """Summed −log p(next token) of a causal LM's Output (logits at real tokens, batch order) over
-    every real token that has a predecessor in its row, and how many such tokens there are: the LM
-    loss of the rows themselves, padding excluded (no labels needed)."""
+    every real token that has a predecessor in its row (prompt-completion rows: every completion
+    token), and how many such tokens there are: the LM loss of the rows themselves, padding excluded
+    (no labels needed)."""
     lens = batch.attention_mask.sum(1)
     ids = batch.input_ids[batch.attention_mask.bool()]
     ends = torch.cumsum(lens, 0)
@@ -320,8 +325,13 @@ def next_token_nll(out: Output, batch: Batch) -> tuple[torch.Tensor, int]:
     first = last.clone()
     last[(ends - 1)[lens > 0]] = True  # a row's last position predicts nothing
     first[(ends - lens)[lens > 0]] = True  # a row's first token is predicted by nothing
-    logits = out.logits[~last].float()
-    nll = F.cross_entropy(logits, ids[~first], reduction="sum")
+    pos, tgt = ~last, ~first
+    scored = batch.scored()
+    if scored is not None:  # positions predicting a completion token, and those tokens
+        pos = pos & scored
+        tgt = torch.roll(pos, 1)
+    logits = _wide(out.logits[pos])
+    nll = F.cross_entropy(logits, ids[tgt], reduction="sum")
     return nll, int(logits.shape[0])
 
 

@@ -140,17 +140,13 @@ def _calibration_inputs(ctx: JobContext, config: Mapping, anchor_dir: Path) -> I
         return x
     if any(r.input is not None for r in rows):
         raise CalibrationError("HF models read {\"text\"} or {\"input_ids\"} calibration rows, not `input` vectors")
-    ids = {i: list(r.input_ids[:max_len]) for i, r in enumerate(rows) if r.input_ids is not None}
-    texts = [(i, r.text) for i, r in enumerate(rows) if r.text is not None]
-    if texts:
-        from merge_ops.learned.batches import load_tokenizer
+    from merge_ops.learned.batches import load_tokenizer, token_ids_by_line
 
-        tok = load_tokenizer(anchor_dir)
-        if tok is None:
-            raise CalibrationError(f"text calibration rows need a tokenizer in the anchor's folder {anchor_dir}")
-        enc = tok([t for _, t in texts], truncation=True, max_length=max_len)["input_ids"]  # type: ignore[operator]
-        ids.update({i: list(x) for (i, _), x in zip(texts, enc, strict=True)})
-    seqs = [ids[i] for i in sorted(ids)]
+    tok = load_tokenizer(anchor_dir) if any(r.text is not None for r in rows) else None
+    if tok is None and any(r.text is not None for r in rows):
+        raise CalibrationError(f"text calibration rows need a tokenizer in the anchor's folder {anchor_dir}")
+    ids = token_ids_by_line(rows, tok, max_len, "calibration")  # prompt-completion rows: the whole row
+    seqs = [list(ids[line]) for line in sorted(ids)]
     width = max(len(x) for x in seqs)
     pad = int(config.get("pad_token_id") or 0)
     return {"input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in seqs]),

@@ -76,3 +76,80 @@ def test_up_submit_wait_and_ctrl_c(tmp_path):
         redis.Redis.from_url(redis_url).ping()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/healthz")
+
+
+def test_up_gives_up_after_start_timeout_with_a_reason(tmp_path):
+    """An API that does not answer within --start-timeout: exit 1 with what to do, children stopped."""
+    data = tmp_path / "data"
+    data.mkdir()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALLOY_")}
+    env.update(ALLOY_DATA_DIR=str(data), ALLOY_ALLOWED_ROOTS=f'["{tmp_path / "models"}"]', PYTHONUNBUFFERED="1")
+    # 0.05 s: no API process imports FastAPI that fast
+    up = subprocess.run([sys.executable, "-m", "service.cli", "up", "--port", str(port), "--start-timeout", "0.05"],
+                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert up.returncode == 1, up.stdout + up.stderr
+    assert "did not answer within 0.05 s" in up.stderr and "--start-timeout" in up.stderr
+    assert "Traceback" not in up.stderr
+    redis_url = next(ln.split()[-1] for ln in up.stdout.splitlines() if ln.startswith("redis-server child"))
+    with pytest.raises(redis.ConnectionError):  # nothing it started is left running
+        redis.Redis.from_url(redis_url).ping()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz")
+
+
+def _start_up(tmp_path, **popen) -> tuple[subprocess.Popen, int, list[str]]:
+    data = tmp_path / "data"
+    data.mkdir(parents=True)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALLOY_")}
+    env.update(ALLOY_DATA_DIR=str(data), ALLOY_ALLOWED_ROOTS=f'["{tmp_path / "models"}"]', PYTHONUNBUFFERED="1")
+    up = subprocess.Popen([sys.executable, "-m", "service.cli", "up", "--port", str(port)], env=env, cwd=ROOT,
+                          start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          **popen)
+    lines: list[str] = []
+    while not lines or not lines[-1].startswith("Ctrl-C"):
+        line = up.stdout.readline()
+        assert line, "alloy up exited during startup:\n" + "".join(lines)
+        lines.append(line)
+    return up, port, lines
+
+
+def _gone(url: str, port: int, within: float = 30.0) -> bool:
+    """Both the redis-server child and the API refuse connections within `within` seconds."""
+    import time
+
+    def down(probe) -> bool:
+        try:
+            probe()
+        except (redis.ConnectionError, httpx.HTTPError):
+            return True
+        return False
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if down(lambda: redis.Redis.from_url(url, socket_connect_timeout=1).ping()) and down(
+                lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_up_killed_leaves_no_children_and_sigint_works_when_inherited_ignored(tmp_path):
+    """A supervisor killed with SIGKILL takes its children with it (they have their own sessions, so
+    nothing else would); started with SIGINT ignored (a shell's background job), SIGINT still stops it."""
+    up, port, lines = _start_up(tmp_path / "a")
+    url = next(ln.split()[-1] for ln in lines if ln.startswith("redis-server child"))
+    up.kill()
+    up.wait(10)
+    assert _gone(url, port), "alloy up's children outlived it"
+
+    up, port, lines = _start_up(tmp_path / "b", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    url = next(ln.split()[-1] for ln in lines if ln.startswith("redis-server child"))
+    up.send_signal(signal.SIGINT)
+    try:
+        assert up.wait(60) == 0
+    except subprocess.TimeoutExpired:
+        os.killpg(up.pid, signal.SIGKILL)
+        raise
+    assert _gone(url, port, within=5)
