@@ -7,7 +7,8 @@ converted into a reused fp32 buffer that stays in cache, all the arithmetic for 
 there, and the result is written once into the output in its final dtype.
 
 The working precision is fp32 (fp64 when the compute dtype is fp64): a 16-bit compute dtype is
-promoted, never used for accumulation, so results are at least as precise as requested.
+promoted, never used for accumulation, so results are at least as precise as requested
+(arcee_fusion excepted: it follows mergekit's arithmetic in the compute dtype, see its module).
 """
 
 from __future__ import annotations

@@ -436,25 +436,54 @@ def test_nearswap_matches_formula(t: float, small_blocks: None) -> None:
 
 # -- arcee_fusion ------------------------------------------------------------------------------
 
-def fusion_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a, b = a.to(F64), b.to(F64)
+def fusion_mask(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """mergekit's importance mask, op for op in `dtype` (its compute dtype): with a 16-bit dtype the
+    rounding of each op decides the selection, so this part cannot be a float64 formula."""
+    a, b = a.to(dtype), b.to(dtype)
     p = torch.softmax(b, dim=-1) + 1e-8
     q = torch.softmax(a, dim=-1) + 1e-8
     imp = (b - a).abs() * (p * torch.log(p / q)).sum(-1, keepdim=True)
     s = imp.reshape(-1).sort().values
     q1, med, q3 = (s[int(x * (s.numel() - 1))] for x in (0.25, 0.5, 0.75))
-    return a + (b - a) * (imp >= med + 1.5 * (q3 - q1))
+    return imp >= med + 1.5 * (q3 - q1)
+
+
+def fusion_ref(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = F64) -> torch.Tensor:
+    """a + (b − a)·mask in float64, with a and b − a rounded to `dtype` as mergekit takes them."""
+    ac = a.to(dtype)
+    return ac.to(F64) + (b.to(dtype) - ac).to(F64) * fusion_mask(a, b, dtype)
+
+
+def fusion_inputs(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    base, (expert,) = models(shape, 1, torch.float32, seed=12)
+    expert = expert + rand(shape, torch.float32, 13, scale=0.5) * (torch.arange(shape[0]) % 3 == 0).view(
+        -1, *[1] * (len(shape) - 1))  # some rows move a lot: a KL spread across rows
+    return base, expert
 
 
 @pytest.mark.parametrize("shape", [(64, 50), (300,)])
 def test_arcee_fusion_matches_formula(shape: tuple[int, ...], small_blocks: None) -> None:
-    base, (expert,) = models(shape, 1, torch.float32, seed=12)
-    expert = expert + rand(shape, torch.float32, 13, scale=0.5) * (torch.arange(shape[0]) % 3 == 0).view(
-        -1, *[1] * (len(shape) - 1))  # some rows move a lot: a KL spread across rows
+    base, expert = fusion_inputs(shape)
     out = arcee_fusion.merge_tensor(inputs(base, [expert], compute=F64, out_dtype=F64))
     ref = fusion_ref(base, expert)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-15)
     assert 0 < int((out != base.to(F64)).sum()) < out.numel()  # a real selection
+
+
+@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(64, 50), (300,)])
+def test_arcee_fusion_computes_its_mask_in_the_compute_dtype_as_mergekit(
+        shape: tuple[int, ...], compute: torch.dtype, small_blocks: None) -> None:
+    """`dtype: bfloat16`: KL, importances and threshold in bf16 (mergekit's selection, which the
+    float64 one is not), b − a rounded to bf16, the sum in fp32 (bit-equal with a float32 output)."""
+    base, expert = fusion_inputs(shape)
+    ref = fusion_ref(base, expert, compute)
+    if len(shape) > 1:  # one row: the KL is a common factor, and the selection ranks |b − a| alone
+        assert not torch.equal(fusion_mask(base, expert, compute), fusion_mask(base, expert, F64))
+    out32 = arcee_fusion.merge_tensor(inputs(base, [expert], compute=compute, out_dtype=torch.float32))
+    torch.testing.assert_close(out32.to(F64), ref, rtol=2**-24, atol=0)
+    out16 = arcee_fusion.merge_tensor(inputs(base, [expert], compute=compute, out_dtype=torch.bfloat16))
+    assert torch.equal(out16, out32.to(torch.bfloat16))  # one rounding, of the fp32 sum
 
 
 # -- passthrough, ram, ramplus_tl --------------------------------------------------------------
