@@ -17,9 +17,17 @@ One FusionBench input is adapted, and said so in the output: its WUDI divides by
 the experts' frozen embeddings (NaN everywhere), so those 2-D tensors are passed as `exclude_keys`
 (they get the mean task vector, 0); Alloy skips a zero τ itself.
 
-    .venv/bin/python benchmarks/fusionbench_static.py [--methods regmean,regmean_pp,...] [--tasks a,b]
+    .venv/bin/python benchmarks/fusionbench_static.py [--methods regmean,regmean_pp,...] [--tasks a,b] [--skip-accuracy]
 
-Writes benchmarks/results/fusionbench_static.json and prints a table (ratios are Alloy / FusionBench).
+Both children run one thread (OMP_NUM_THREADS=1, ALLOY_MATRIX_THREADS=1). Each merge takes a lock file, so
+a second invocation given the methods in another order shares the work; finished merges and their scores
+are cached and reused.
+
+Writes benchmarks/results/fusionbench_static.json (one entry per task set under "runs", rewritten after
+each method; finished merges are cached under benchmarks/.cache/fusionbench_static) and prints a table
+(ratios are Alloy / FusionBench; the 1-minute load average at the end of each merge is recorded, since
+the wall-time ratio means little when other work shares the CPU). For the data-free methods (same task
+vectors on both sides) the largest |Alloy − FusionBench| entry is reported too.
 """
 
 from __future__ import annotations
@@ -62,7 +70,8 @@ def child_alloy(method: str, inputs: dict, out: Path) -> None:
     cal = {t: data / t / "calibration.jsonl" for t in tasks}
     spec = spec_from_dict({
         "method": name, "base": str(mq.base_dir()), "parameters": params,
-        "task_specific": [r"^classifier\.", *([] if calibrated else [mq.NO_BUFFER])],
+        # position_ids (a buffer transformers 5 does not save) is aligned by the checkpoint reader itself
+        "task_specific": [r"^classifier\."],
         "experts": [{"model": str(mq.expert_dir(t)), "name": t} for t in tasks],
         **({"calibration": {"tasks": {t: str(p) for t, p in cal.items()}, "max_length": mq.MAX_LEN,
                             "samples_per_task": ROWS}} if calibrated else {})})
@@ -72,7 +81,7 @@ def child_alloy(method: str, inputs: dict, out: Path) -> None:
                           experts=[ResolvedModel(str(mq.expert_dir(t)), mq.expert_dir(t)) for t in tasks],
                           out_dir=out, calibration=cal if calibrated else {}))
     (out / "bench.json").write_text(json.dumps({"seconds": time.perf_counter() - t0,
-                                                "peak_mib": rss_mib("VmHWM") - base}))
+                                                "peak_mib": rss_mib("VmHWM") - base, "load": os.getloadavg()}))
 
 
 def child_fusionbench(method: str, inputs: dict, out: Path) -> None:
@@ -257,10 +266,63 @@ def child_fusionbench(method: str, inputs: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().float() for k, v in merged.items() if v.is_floating_point()},
               str(out / "model.safetensors"))
-    (out / "bench.json").write_text(json.dumps({"seconds": seconds, "peak_mib": peak}))
+    (out / "bench.json").write_text(json.dumps({"seconds": seconds, "peak_mib": peak, "load": os.getloadavg()}))
 
 
 # -- parent ----------------------------------------------------------------------------------------------
+# the data-free methods see the same task vectors on both sides, so their merged tensors are comparable
+# entry by entry; the calibrated ones do not (Grams with/without padding, a different Fisher estimator)
+SAME_INPUTS = ("wudi", "tsv_m", "iso_c", "iso_cts")
+
+
+def claim(out: Path) -> bool:
+    """Take `out`'s lock (its pid inside) unless a live invocation holds it: two invocations given
+    the methods in opposite orders share the CPU (one niced merge at a time gets little of a loaded one)."""
+    lock = out.parent / f"{out.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or "0")
+            except (OSError, ValueError):
+                pid = 0
+            if pid == 0:
+                return False  # being created this instant
+            if pid == os.getpid():
+                return True
+            try:
+                os.kill(pid, 0)
+                return False  # alive: it runs this merge
+            except ProcessLookupError:
+                pass
+            lock.unlink(missing_ok=True)  # left by a dead invocation
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+
+
+def max_difference(alloy: Path, peer: Path, base: Path) -> dict:
+    """Largest |Alloy − FusionBench| over the merged encoder tensors, absolute and relative to the
+    largest change FusionBench made to that tensor (max |merged − θ₀|), with the tensor it occurs in."""
+    import multitask_quality as mq
+
+    a, p, b = (mq.load_st(d / "model.safetensors") for d in (alloy, peer, base))
+    worst = {"max_abs_diff": 0.0, "max_abs_diff_tensor": None, "max_rel_diff": 0.0, "max_rel_diff_tensor": None}
+    for n, x in p.items():
+        if n not in a or n not in b or not x.is_floating_point() or n.startswith("classifier."):
+            continue
+        d = float((a[n].double() - x.double()).abs().max())
+        change = float((x.double() - b[n].double()).abs().max())
+        if d > worst["max_abs_diff"]:
+            worst["max_abs_diff"], worst["max_abs_diff_tensor"] = d, n
+        if change > 0 and d / change > worst["max_rel_diff"]:
+            worst["max_rel_diff"], worst["max_rel_diff_tensor"] = d / change, n
+    return worst
+
+
 def main() -> None:
     import multitask_quality as mq
     import torch
@@ -272,6 +334,9 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(mq.TASKS))
     ap.add_argument("--data", type=Path, default=mq.DATA)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "fusionbench_static.json")
+    ap.add_argument("--skip-accuracy", action="store_true",
+                    help="merge and compare tensors, time and memory only (scoring costs more CPU than a "
+                         "merge; run again without it later: the merges are cached)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     tasks = a.tasks.split(",")
@@ -285,40 +350,69 @@ def main() -> None:
     inputs = {"tasks": tasks, "data": str(a.data), "base": str(base), "rows": rows,
               "experts": {t: str(mq.expert_dir(t)) for t in tasks}}
     (WORK / "inputs.json").write_text(json.dumps(inputs))
-    ev = mq.Evaluator(a.data, tasks)
+    ev = None if a.skip_accuracy else mq.Evaluator(a.data, tasks)
     heads = {t: mq.split_heads(mq.load_st(mq.expert_dir(t) / "model.safetensors"))[1] for t in tasks}
-    cached = json.loads(mq.EVALS.read_text()) if mq.EVALS.exists() else {}  # multitask_quality's scores
-    expert_acc = {t: cached.get(f"experts|{t}") or
-                  ev.accuracy(mq.split_heads(mq.load_st(mq.expert_dir(t) / "model.safetensors"))[0], heads, [t])[t]
-                  for t in tasks}
+    expert_acc: dict = {}
+    for t in tasks if ev is not None else []:  # multitask_quality's cached scores (same keys): written back, so each is computed once
+        cached = json.loads(mq.EVALS.read_text()) if mq.EVALS.exists() else {}
+        if f"experts|{t}" not in cached:
+            sd = mq.split_heads(mq.load_st(mq.expert_dir(t) / "model.safetensors"))[0]
+            cached = {**(json.loads(mq.EVALS.read_text()) if mq.EVALS.exists() else {}),
+                      f"experts|{t}": ev.accuracy(sd, heads, [t])[t]}
+            mq.EVALS.write_text(json.dumps(cached, indent=1))
+        expert_acc[t] = cached[f"experts|{t}"]
     results = []
     for m in a.methods.split(","):
         row: dict = {"method": m}
         for side, py in (("alloy", sys.executable), ("fusionbench", str(PEERS_PY))):
             out = WORK / side / f"{m}-{'_'.join(tasks)}"
-            if not (out / "bench.json").exists():
+            if not (out / "bench.json").exists() and claim(out):
                 import shutil
 
                 shutil.rmtree(out, ignore_errors=True)
                 subprocess.run(["nice", "-n", "10", py, __file__, "--child", side, m, str(out)], check=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               # one thread on both sides (Alloy's SVD methods would take every core)
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "ALLOY_MATRIX_THREADS": "1"})
+            while not (out / "bench.json").exists():  # another invocation is running this merge
+                if claim(out):
+                    raise RuntimeError(f"{out}: the invocation running this merge died; run again")
+                time.sleep(10)
             b = json.loads((out / "bench.json").read_text())
-            acc = ev.accuracy(mq.load_st(out / "model.safetensors"), heads)
-            row[side] = {"avg_acc": round(sum(acc.values()) / len(acc), 4),
-                         "normalized": round(sum(acc[t] / expert_acc[t] for t in tasks) / len(tasks), 4),
-                         "per_task": {t: round(v, 4) for t, v in acc.items()},
+            scored = out / "accuracy.json"  # kept with the merge: another invocation need not score it again
+            if scored.exists():
+                acc = json.loads(scored.read_text())
+            elif ev is not None:
+                acc = ev.accuracy(mq.load_st(out / "model.safetensors"), heads)
+                scored.write_text(json.dumps(acc))
+            else:
+                acc = None
+            row[side] = {"avg_acc": round(sum(acc.values()) / len(acc), 4) if acc else None,
+                         "normalized": round(sum(acc[t] / expert_acc[t] for t in tasks) / len(tasks), 4)
+                         if acc and expert_acc else None,
+                         "per_task": {t: round(v, 4) for t, v in acc.items()} if acc else None,
                          "seconds": round(b["seconds"], 2), "peak_mib": round(b["peak_mib"], 1)}
+            row[side]["load_avg_1m_at_end"] = round(b.get("load", [float("nan")])[0], 2)
+        row["same_inputs"] = m in SAME_INPUTS
+        row |= max_difference(WORK / "alloy" / f"{m}-{'_'.join(tasks)}",
+                              WORK / "fusionbench" / f"{m}-{'_'.join(tasks)}", base)
         row["time_ratio"] = round(row["alloy"]["seconds"] / row["fusionbench"]["seconds"], 3)
         row["mem_ratio"] = round(row["alloy"]["peak_mib"] / max(row["fusionbench"]["peak_mib"], 1e-9), 3)
         results.append(row)
         print(json.dumps(row), flush=True)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"tasks": tasks, "rows_per_task": ROWS, "results": results}, indent=1) + "\n")
-    print("\n| method | Alloy norm. | FusionBench norm. | time ratio | memory ratio |")
-    print("|---|---|---|---|---|")
+        # one entry per task set, rewritten after every method (an interrupted run keeps what it measured)
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        doc = json.loads(a.out.read_text()) if a.out.exists() else {}
+        runs = doc.get("runs", {}) if isinstance(doc.get("runs"), dict) else {}
+        runs[",".join(tasks)] = {"tasks": tasks, "rows_per_task": ROWS, "expert_acc": expert_acc,
+                                 "cpu_count": os.cpu_count(), "results": results}
+        a.out.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+    print("\n| method | Alloy norm. | FusionBench norm. | max abs diff (rel.) | time ratio | memory ratio | load 1m |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['method']} | {r['alloy']['normalized']:.3f} | {r['fusionbench']['normalized']:.3f} | "
-              f"{r['time_ratio']:.2f} | {r['mem_ratio']:.2f} |")
+        diff = f"{r['max_abs_diff']:.2e} ({r['max_rel_diff']:.2e})" if r["same_inputs"] else "— (other inputs)"
+        print(f"| {r['method']} | {r['alloy']['normalized']} | {r['fusionbench']['normalized']} | {diff} | "
+              f"{r['time_ratio']:.2f} | {r['mem_ratio']:.2f} | {r['alloy']['load_avg_1m_at_end']}/"
+              f"{r['fusionbench']['load_avg_1m_at_end']} |")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,15 @@ VOCAB_TENSOR = re.compile(
     r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in|embed_out|tok_embeddings|lm_head|output_layer|"
     r"vocab_projector)(?:\.(?:linear|decoder))?\.(?:weight|bias)$"
     r"|^output\.weight$|^cls\.predictions\.(?:decoder\.)?bias$")
+# Buffers transformers does not persist (nn.Buffer(..., persistent=False), or listed in a model's
+# _keys_to_ignore_on_load_unexpected): rebuilt from the config when a model is built, so whether a
+# checkpoint holds them depends only on the transformers version that saved it (v5 drops BERT's
+# position_ids; old GPT-2 checkpoints hold attn.bias/masked_bias, old Llama ones rotary inv_freq).
+NON_PERSISTENT_BUFFER = re.compile(
+    r"(?:^|\.)embeddings\.(?:position_ids|token_type_ids)$"  # BERT, RoBERTa, CLIP, ... (v5: persistent=False)
+    r"|(?:^|\.)(?:original_)?inv_freq$"  # rotary embeddings (Llama, Mistral, Qwen, GPT-NeoX, ...)
+    r"|(?:^|\.)(?:attn|crossattention|attn\.attention)\.(?:bias|masked_bias)$"  # GPT-2, GPT-J, GPT-Neo masks
+    r"|(?:^|\.)attn\.causal_mask$")  # CodeGen
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -287,6 +296,24 @@ class CheckpointReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def align_buffers(ref: CheckpointReader, others: Iterable[CheckpointReader]) -> None:
+    """Give every reader in `others` exactly `ref`'s non-persistent buffers (NON_PERSISTENT_BUFFER).
+
+    One `ref` holds and another lacks is read from `ref`'s file; one only another holds is hidden.
+    The reference (the base, else the first model) decides both ways because the output takes its
+    layout and config.json from it, and a buffer is a function of that config: taking one from
+    an expert would make the output's tensor set depend on the order of the experts, and a model
+    built from the config recreates any buffer the output lacks. Every other tensor is untouched, so
+    a genuinely missing weight is still refused by check_compatible (static) or check_expert_tensor
+    (learned) with its name. Call right after opening, before any names() or check."""
+    own = {n: i for n, i in ref._info.items() if NON_PERSISTENT_BUFFER.search(n)}
+    for r in others:
+        for n in [n for n in r._info if n not in own and NON_PERSISTENT_BUFFER.search(n)]:
+            del r._info[n]
+        for n, info in own.items():
+            r._info.setdefault(n, info)  # reads open ref's file by its path: no copy, no shared descriptor
 
 
 def check_compatible(readers: dict[str, CheckpointReader], ignore: Sequence[str] = (),

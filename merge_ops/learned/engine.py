@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from merge_ops import memory
+from merge_ops.checkpoint import align_buffers
 from merge_ops.context import Channel, ResolvedModel, check_cancel, report
 from merge_ops.errors import MergeFailed, SpecError
 from merge_ops.learned import distributed
@@ -111,6 +112,7 @@ def load_merge_inputs(base_dir: Path | ResolvedModel, expert_dirs: Sequence[Path
 
     readers = [open_checkpoint(d) for d in expert_dirs]  # a LoRA expert: base + its delta, per tensor
     base_r = open_checkpoint(base_dir)
+    align_buffers(base_r, readers)  # buffers transformers does not persist: the base's set
     try:
         base: dict[str, torch.Tensor] = {}
         tvs: dict[str, torch.Tensor] = {}
@@ -247,8 +249,8 @@ class MergeEngine(torch.nn.Module):
         the streamed path, whose autograd keeps no τ (backward calls `load` again)."""
         slot = self.groups.slots.get(name)
         dtype = self._dtype
-        if slot is None:  # not merged: θ₀ (in the compute dtype)
-            return load()[0].to(dtype)
+        if slot is None:  # not merged: θ₀ (in the compute dtype), a copy: load() may give a view of a
+            return load()[0].to(dtype, copy=True)  # reused read buffer (streaming.Slot)
         k = len(self.inputs.experts)
         if slot.chunks == 0:
             rows, sizes = self.fixed.view(1, k), [slot.numel]
@@ -410,8 +412,14 @@ class Step:
 
     def finish(self) -> None:
         # tensors with a fixed coefficient (0 chunks) have a merged value that needs no gradient
-        pairs = [(self._merged[n], p.grad) for n, p in self.params.items()
+        pairs = [(self._merged[n], p.grad.to_dense() if p.grad.is_sparse else p.grad) for n, p in self.params.items()
                  if p.requires_grad and p.grad is not None and self._merged[n].requires_grad]
+        if self.engine.streamer is not None:
+            # θ(c)'s values are not needed any more (the merge's backward re-reads its inputs, and the
+            # leaves sharing them are spent): free them before that backward runs, one model-sized
+            # tensor less at its peak for a tied embedding (shape and autograd metadata stay)
+            for m, _ in pairs:
+                m.untyped_storage().resize_(0)
         if pairs:
             torch.autograd.backward([m for m, _ in pairs], [g for _, g in pairs])
         self._merged = {}

@@ -8,14 +8,20 @@ Torch-free: it reads only config.json and the safetensors headers (shapes and dt
       merged parameters     θ(c) for every merged tensor, plus its gradient leaf (Step)
       activations           one task's forward/backward at a time, every block's internals, plus
                             the logits and their softmax in fp32
-      mapped inputs         CPU: the K + 1 checkpoints' pages while θ₀ and τ are read
+      (the checkpoints are read with preadv, not mapped: their pages are not in the RSS)
     streamed (store.open_merge_inputs + streaming.BlockCache: the files are the store)
       base θ₀               none held (a tied embedding excepted): every tensor belongs to a
                             streamed unit — a block, or a module outside them (embeddings, norm, head)
       task vectors          none held: τ is formed from the files per unit
-      blocks                the BlockCache: units' θ₀ and K experts' tensors in their stored dtype,
-                            within CACHE_SHARE of the model's bytes (`_cache_bytes`)
-      merged parameters     the biggest unit's θ(c), its weight gradients and the merge's scratch
+      blocks                the BlockCache's read buffers (streaming.Slot, kept for the job): up to
+                            CACHED_BLOCKS + 1, as many as CACHE_SHARE of the model's bytes holds, each the
+                            biggest block's θ₀ and K experts' tensors in their stored dtype (θ₀ only
+                            when a block alone exceeds the share); a bigger unit outside the blocks
+                            (an untied head) is read into fresh tensors on top (`_cache_bytes`)
+      merged parameters     the biggest unit's θ(c), its weight gradients and the merge's scratch; a
+                            tied embedding (held, on the Step path) 3× more: θ(c), its gradient leaf,
+                            and the head's gradient waiting in backward for the lookup's (sparse) one;
+                            4× from K = 2 (their sum, formed out of place, before it joins the leaf's)
       activations           the block boundaries (checkpointing), one block's internals, logits
     both
       teacher cache         Expert Merging: on disk (teacher_cache.RowFile) in fp16, reported but
@@ -111,6 +117,7 @@ def plan_memory(base_dir: Path, *, k: int, batch: int, seq_len: int, mode: str =
     per_block: dict[int, int] = {}  # merged elements per block
     unit_bytes: dict[str, int] = {}  # stored bytes of each streamed unit: θ₀ and the K experts' tensors
     unit_base: dict[str, int] = {}
+    unit_blocks: set[str] = set()  # the units that are transformer blocks
     biggest_unit = 0  # merged elements of the biggest unit (a block, or an outside tensor)
     tied = bool(cfg.get("tie_word_embeddings", False))
     held_outside = 0  # a tied embedding stays resident on the Step path
@@ -121,6 +128,8 @@ def plan_memory(base_dir: Path, *, k: int, batch: int, seq_len: int, mode: str =
         if b is None and tied and "embed" in n:
             held_outside += e
             continue
+        if b is not None:
+            unit_blocks.add(unit)
         unit_bytes[unit] = unit_bytes.get(unit, 0) + e * BYTES[dt] * (1 + (k if n in merged else 0))
         unit_base[unit] = unit_base.get(unit, 0) + e * BYTES[dt]
         if n in merged:
@@ -147,15 +156,15 @@ def plan_memory(base_dir: Path, *, k: int, batch: int, seq_len: int, mode: str =
         merged_b = 2 * sum(merged.values()) * cb  # θ(c) and the gradient leaf of each
         act = layers * block_act + logits + teacher_batch
         device_b = base + tv + merged_b + act
-        if on_cpu:  # the K + 1 input checkpoints' pages, read while θ₀ and τ are built
-            device_b += (k + 1) * model
     else:
         base = held_outside * cb
         tv = 0
-        blocks = _cache_bytes(unit_bytes, unit_base, CACHE_SHARE * model)
-        # a unit's θ(c), its weight gradients and the merge's scratch tensor (plus a tied embedding's
-        # θ(c) and gradient leaf)
-        merged_b = (3 * biggest_unit + 2 * held_outside) * cb
+        blocks = _cache_bytes(unit_bytes, unit_base, CACHE_SHARE * model, unit_blocks)
+        # a unit's θ(c), its weight gradients and the merge's scratch tensor; a tied embedding's θ(c),
+        # gradient leaf and the head's gradient held until the lookup's arrives, and from the second
+        # task on the sum of the two (formed out of place before it is added to the leaf's): measured
+        # at backward's peak on SmolLM2-135M (K = 1 → 2: +1 embedding beyond the cache's growth)
+        merged_b = (3 * biggest_unit + (3 + min(k - 1, 1)) * held_outside) * cb
         act = (layers + 1) * tokens * h * cb + block_act + logits + teacher_batch
         device_b = base + blocks + merged_b + act
     mib = 2**20
@@ -165,15 +174,18 @@ def plan_memory(base_dir: Path, *, k: int, batch: int, seq_len: int, mode: str =
                       host)
 
 
-def _cache_bytes(unit_bytes: dict[str, int], unit_base: dict[str, int], budget: float) -> int:
-    """streaming.BlockCache's high-water mark: a unit is held whole (θ₀ + K experts) when it fits the
-    budget, else θ₀ only (experts read one at a time); the next one is prefetched while both fit,
-    up to CACHED_BLOCKS ready + 1 being read."""
-    held = [u if u <= budget else unit_base[n] for n, u in unit_bytes.items()]
-    one = max(held, default=0)
-    if 2 * one > budget:
-        return one
-    return int(min(budget, (CACHED_BLOCKS + 1) * one))
+def _cache_bytes(unit_bytes: dict[str, int], unit_base: dict[str, int], budget: float,
+                 blocks: set[str] | None = None) -> int:
+    """streaming.BlockCache's high-water mark: its slots (kept for the job), CACHED_BLOCKS + 1 of them
+    or as many as the budget holds (at least one), each the biggest block's reads — θ₀ + K experts
+    when the unit fits the budget, else θ₀ only (experts read one at a time) — plus one unit outside
+    the blocks that is bigger than a slot (read into fresh tensors, freed when evicted)."""
+    held = {n: u if u <= budget else unit_base[n] for n, u in unit_bytes.items()}
+    inside = [u for n, u in held.items() if blocks is None or n in blocks]
+    slot = max(inside, default=0)
+    slots = min(CACHED_BLOCKS + 1, max(1, int(budget // slot))) if slot else 0
+    extra = max([u for n, u in held.items() if blocks is not None and n not in blocks and u > slot], default=0)
+    return int(slots * slot + extra)
 
 
 def check_fits(plan: MemoryPlan, budget_mib: float | None) -> str | None:

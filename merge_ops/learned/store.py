@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from merge_ops.checkpoint import CheckpointReader
+from merge_ops.checkpoint import CheckpointReader, align_buffers
 from merge_ops.context import ResolvedModel
 from merge_ops.errors import CheckpointError, SpecError
 from merge_ops.lora.reader import open_checkpoint
@@ -42,15 +42,22 @@ class TensorFiles:
         # open_checkpoint: a LoRA expert reads as base + its adapter's delta, tensor by tensor
         self.base: CheckpointReader = open_checkpoint(base_dir)
         self.experts = [open_checkpoint(d) for d in expert_dirs]
+        align_buffers(self.base, self.experts)  # buffers transformers does not persist: the base's set
         self.names = list(experts)
 
-    def base_raw(self, name: str) -> torch.Tensor:
-        return self.base.read(name)
+    def base_raw(self, name: str, into: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+        """θ₀'s tensor as stored; `into(nbytes)`, if given, supplies the uint8 buffer it is read into
+        (streaming.Slot: reused, so reading allocates nothing)."""
+        return self.base.read(name, None if into is None else into(self.base.info(name).nbytes))
 
-    def expert_raw(self, k: int, name: str) -> torch.Tensor:
+    def expert_raw(self, k: int, name: str, into: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
         """Expert k's own tensor in its stored dtype (the base's where the expert lacks it)."""
-        r = self.experts[k]
-        return r.read(name) if name in r else self.base.read(name)
+        r = self.experts[k] if name in self.experts[k] else self.base
+        return r.read(name, None if into is None else into(r.info(name).nbytes))
+
+    def expert_nbytes(self, k: int, name: str) -> int:
+        r = self.experts[k] if name in self.experts[k] else self.base
+        return r.info(name).nbytes
 
     def close(self) -> None:
         self.base.close()

@@ -34,12 +34,13 @@ plain blocks.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -47,11 +48,14 @@ import torch
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.checkpoint import checkpoint
 
+from merge_ops.learned.store import LazyBase, LazyTaskVectors
+
 if TYPE_CHECKING:
     from merge_ops.learned.engine import MergeEngine, MergeInputs
 
 _DIGITS = re.compile(r"^\d+$")
 CACHED_BLOCKS = 2  # ready blocks kept on the device (plus one being prefetched)
+MMAP_THRESHOLD = 1 << 20  # host allocations from this size are mapped on their own (release_freed_memory)
 CACHE_SHARE = 0.5  # their bytes: at most this share of the model's stored bytes (ALLOY_STREAM_CACHE_MB)
 
 Entry = tuple[torch.Tensor, Any, bool]  # MergeInputs.entry: (θ₀, τ stack or experts, experts?)
@@ -86,16 +90,53 @@ def _outside_units(module: torch.nn.Module, blocks: list[tuple[str, torch.nn.Mod
     return out
 
 
+class Slot:
+    """One reusable host buffer that a unit's tensors are read into (bump-allocated, 64-byte aligned).
+
+    Reading every unit into fresh tensors allocated K + 1 tensors per unit on the prefetch thread, freed
+    on the main one, twice per task; reused slots make the reads allocation-free after the first units
+    (no page faults or allocator churn per read). Alone they did not lower the peak (1.97 GiB instead of
+    1.99 on SmolLM2-135M, K = 4): that was the heap's retention (release_freed_memory)."""
+
+    ALIGN = 64
+
+    def __init__(self) -> None:
+        self.buf = torch.empty(0, dtype=torch.uint8)
+        self.at = 0
+
+    def reserve(self, nbytes: int) -> None:
+        """Start a new unit of at most `nbytes` (padded per tensor): grow the buffer if it is smaller."""
+        if self.buf.numel() < nbytes:
+            self.buf = torch.empty(0, dtype=torch.uint8)  # drop the old one before allocating
+            self.buf = torch.empty(nbytes, dtype=torch.uint8)
+        self.at = 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        view = self.buf[self.at: self.at + nbytes]
+        self.at += -(-nbytes // self.ALIGN) * self.ALIGN
+        return view
+
+    @classmethod
+    def padded(cls, sizes: list[int]) -> int:
+        return sum(-(-n // cls.ALIGN) * cls.ALIGN for n in sizes)
+
+
 class BlockCache:
     """Blocks' entries by block index: at most `capacity` ready on the device plus one being read
-    by the prefetch thread (the next block in the direction of the last two requests)."""
+    by the prefetch thread (the next block in the direction of the last two requests). Each held or
+    pending block owns one of `capacity + 1` `Slot`s, given back when it is evicted (or, for a dropped
+    prefetch, when its read ends): a unit's entries are views of its slot, so they are valid until it
+    is evicted — callers use an entry only within one merge (load, use, return)."""
 
-    def __init__(self, load: Callable[[int], dict[str, Entry]], n_blocks: int, capacity: int = CACHED_BLOCKS,
-                 budget: float = float("inf"), size: Callable[[int], int] = lambda i: 0):
+    def __init__(self, load: Callable[[int, Slot], dict[str, Entry]], n_blocks: int,
+                 capacity: int = CACHED_BLOCKS, budget: float = float("inf"),
+                 size: Callable[[int], int] = lambda i: 0, slots: int | None = None):
         self.load, self.n, self.capacity = load, n_blocks, capacity
         self.budget, self.size = budget, size  # bytes the ready and prefetched blocks may hold
-        self.ready: OrderedDict[int, dict[str, Entry]] = OrderedDict()
-        self.pending: dict[int, Future] = {}
+        self.ready: OrderedDict[int, tuple[dict[str, Entry], Slot]] = OrderedDict()
+        self.pending: dict[int, tuple[Future, Slot]] = {}
+        self.free = [Slot() for _ in range(capacity + 1 if slots is None else slots)]
+        self.dropped: list[Future] = []  # dropped prefetches still reading into their slots
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="alloy-prefetch")
         self.last: int | None = None
         self.direction = 1
@@ -103,30 +144,61 @@ class BlockCache:
         self.max_held = 0  # most blocks ever held at once (ready + being read)
         self._lock = threading.Lock()
 
-    def _load(self, i: int) -> dict[str, Entry]:
+    def _load(self, i: int, slot: Slot) -> dict[str, Entry]:
         with self._lock:
             self.reads += 1
-        return self.load(i)
+        return self.load(i, slot)
+
+    def _give(self, slot: Slot) -> None:
+        with self._lock:
+            self.free.append(slot)
+
+    def _take(self) -> Slot | None:
+        with self._lock:
+            return self.free.pop() if self.free else None
+
+    def _drop(self, fut: Future, slot: Slot) -> None:
+        """A prefetch nobody will use: its slot is free once the read is cancelled or has ended."""
+        if not fut.cancel():
+            self.dropped.append(fut)
+            fut.add_done_callback(lambda _f: self._give(slot))
+        else:
+            self._give(slot)
+
+    def _evict(self) -> None:
+        _, slot = self.ready.popitem(last=False)[1]
+        self._give(slot)
 
     def get(self, i: int) -> dict[str, Entry]:
         if i in self.ready:
             self.ready.move_to_end(i)
-            block = self.ready[i]
+            block = self.ready[i][0]
         else:
-            fut = self.pending.pop(i, None)
-            block = fut.result() if fut is not None else self._load(i)
-            self.ready[i] = block
+            got = self.pending.pop(i, None)
+            if got is not None:
+                block, slot = got[0].result(), got[1]
+            else:
+                while (slot := self._take()) is None:  # every slot held: the least recent goes
+                    if self.ready:
+                        self._evict()
+                    else:  # dropped prefetches hold the slots: wait for one to end
+                        wait([*self.dropped, *(f for f, _ in self.pending.values())], return_when=FIRST_COMPLETED)
+                    self.dropped = [f for f in self.dropped if not f.done()]
+                block = self._load(i, slot)
+            self.ready[i] = (block, slot)
             while len(self.ready) > 1 and (len(self.ready) > self.capacity or self._held() > self.budget):
-                self.ready.popitem(last=False)
+                self._evict()
         if self.last is not None and i != self.last:
             self.direction = 1 if i > self.last else -1
         self.last = i
         nxt = i + self.direction
         for j in [j for j in self.pending if j != nxt]:  # a guess in the old direction: drop it
-            self.pending.pop(j).cancel()
+            self._drop(*self.pending.pop(j))
         if (0 <= nxt < self.n and nxt not in self.ready and nxt not in self.pending
                 and self.size(i) + self.size(nxt) <= self.budget):
-            self.pending[nxt] = self.pool.submit(self._load, nxt)
+            slot = self._take()
+            if slot is not None:
+                self.pending[nxt] = (self.pool.submit(self._load, nxt, slot), slot)
         self.max_held = max(self.max_held, len(self.ready) + len(self.pending))
         return block
 
@@ -134,11 +206,36 @@ class BlockCache:
         return sum(self.size(j) for j in self.ready)
 
     def clear(self) -> None:
-        for f in self.pending.values():
-            f.cancel()
+        for fut, slot in self.pending.values():
+            self._drop(fut, slot)
         self.pending.clear()
-        self.ready.clear()
+        while self.ready:
+            self._evict()
         self.last = None
+
+
+def release_freed_memory() -> bool:
+    """Make glibc give freed host tensors of MMAP_THRESHOLD bytes or more back to the OS at once.
+
+    A streamed step allocates and frees every unit's merged weights, scratch and gradients three
+    times per task (forward, recomputation, backward). With glibc's adaptive threshold those land in
+    the heap, which kept growing from its top while the freed chunks stayed resident: on SmolLM2-135M
+    (K = 4) the heap held ~1 GiB free at the peak, RSS 1.97 GiB. A fixed threshold maps each such tensor
+    on its own and unmaps it when freed (peak 1.32 GiB; no slowdown seen: the grown heap faulted fresh
+    pages too). Process-wide and kept (a worker's later jobs also return what they free); False where the C
+    library is not glibc (nothing changed)."""
+    global _RELEASING
+    if _RELEASING is None:
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            _RELEASING = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+        except (OSError, AttributeError):
+            _RELEASING = False
+    return _RELEASING
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+_RELEASING: bool | None = None
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -154,7 +251,9 @@ class BlockStreamer:
     swapped, e.g. Expert Merging's stage 2) and, for file-backed inputs, attached to them."""
 
     def __init__(self, module: torch.nn.Module):
+        self.module = module
         self.blocks = find_blocks(module)
+        self.slot_bytes = 0  # BlockCache slot size: the biggest block's reads (attach)
         # units: the blocks (every tensor under the prefix), then the modules outside them that own
         # parameters directly (embeddings, norms, head: their own tensors only), tied ones excepted
         self.units: list[tuple[str, torch.nn.Module, list[str] | None]] = [(p, b, None) for p, b in self.blocks]
@@ -178,13 +277,47 @@ class BlockStreamer:
     def attach(self, inputs: MergeInputs, device: str | torch.device) -> BlockStreamer:
         """Serve every block's weights from file-backed `inputs` (the module holds none of them)."""
         self.inputs, self.device = inputs, torch.device(device)
+        release_freed_memory()
         files = inputs.files
         assert files is not None
         model = sum(files.base.info(n).nbytes for n in inputs.base if n not in inputs.base.overrides)  # type: ignore[attr-defined]
         budget = float(os.environ.get("ALLOY_STREAM_CACHE_MB", 0) or 0) * 2**20 or CACHE_SHARE * model
-        self.cache = BlockCache(self._load_block, len(self.units), budget=budget, size=self._unit_bytes)
         self._names = {}
+        self.cache = None
+        # slots sized for the blocks: a bigger unit outside them (an untied head) is read into fresh
+        # tensors, freed when evicted; as many slots as the budget holds (at least one)
+        self.slot_bytes = max((Slot.padded(self._read_sizes(i, budget)) for i in range(len(self.blocks))),
+                              default=0)
+        slots = int(min(CACHED_BLOCKS + 1, max(1, budget // max(self.slot_bytes, 1))))
+        self.cache = BlockCache(self._load_block, len(self.units), budget=budget, size=self._unit_bytes,
+                                slots=slots)
+        self._tied_sparse()
         return self
+
+    def _tied_sparse(self) -> None:
+        """A tied input embedding stays on the Step path (its leaf accumulates the head's and the
+        lookup's gradients over the tasks): its lookup gives a sparse gradient (the batch's rows)
+        instead of a dense model-sized one (−1 embedding at backward's peak). Same values."""
+        emb = self.module.get_input_embeddings() if hasattr(self.module, "get_input_embeddings") else None
+        if isinstance(emb, torch.nn.Embedding):
+            name = next(f"{n}.weight" if n else "weight" for n, m in self.module.named_modules() if m is emb)
+            assert self.inputs is not None
+            if name in self.inputs.task_vectors and not self.streamed(name):
+                emb.sparse = True
+
+    def _read_sizes(self, i: int, budget: float) -> list[int]:
+        """Bytes of each tensor unit i reads from the files: θ₀'s (not held), and the K experts'
+        when the unit fits the budget whole."""
+        inputs = self.inputs
+        assert inputs is not None and inputs.files is not None
+        files, base = inputs.files, inputs.base
+        names = self.names(i, inputs)
+        sizes = [files.base.info(n).nbytes for n in names
+                 if n not in base.overrides and n not in base.resident]  # type: ignore[attr-defined]
+        if self._unit_bytes(i) <= budget:
+            k = len(inputs.experts)
+            sizes += [files.expert_nbytes(j, n) for n in names if n in inputs.task_vectors for j in range(k)]
+        return sizes
 
     def names(self, i: int, inputs: MergeInputs) -> list[str]:
         """The base tensors of unit i (cached per unit; the set of names does not change)."""
@@ -202,19 +335,34 @@ class BlockStreamer:
         info = inputs.files.base.info
         return sum(info(n).nbytes * (1 + (k if n in inputs.task_vectors else 0)) for n in self.names(i, inputs))
 
-    def _load_block(self, i: int) -> dict[str, Entry]:
-        """Unit i's entries on the device; the experts' tensors too when the unit fits the cache's
-        budget, else they stay lazy (read one expert at a time inside the merge)."""
-        assert self.inputs is not None and self.cache is not None
-        whole = self._unit_bytes(i) <= self.cache.budget
+    def _load_block(self, i: int, slot: Slot) -> dict[str, Entry]:
+        """Unit i's entries on the device, read into `slot`; the experts' tensors too when the unit
+        fits the cache's budget, else they stay lazy (read one expert at a time inside the merge)."""
+        inputs, cache = self.inputs, self.cache
+        assert inputs is not None and inputs.files is not None and cache is not None
+        files, base, tvs = inputs.files, inputs.base, inputs.task_vectors
+        names = self.names(i, inputs)
         out: dict[str, Entry] = {}
-        for n in self.names(i, self.inputs):
-            b, taus, experts = self.inputs.entry(n)
-            if taus is not None and not experts:  # a held τ stack (AdaMerging++ materialised them)
-                taus = _to_device(taus, self.device)
-            elif taus is not None and whole:
-                taus = [_to_device(t, self.device) for t in taus]
-            out[n] = (_to_device(b, self.device), taus, experts)
+        if not isinstance(tvs, LazyTaskVectors):  # held τ stacks (AdaMerging++ materialised them)
+            for n in names:
+                b, taus, experts = inputs.entry(n)
+                out[n] = (_to_device(b, self.device), None if taus is None else _to_device(taus, self.device), experts)
+            return out
+        assert isinstance(base, LazyBase)
+        whole = self._unit_bytes(i) <= cache.budget
+        k = len(inputs.experts)
+        held = {n for n in names if n in base.overrides or n in base.resident}
+        need = Slot.padded(self._read_sizes(i, cache.budget))
+        into = slot.take if need <= self.slot_bytes else None  # else fresh tensors, freed when evicted
+        if into is not None:
+            slot.reserve(need)
+        for n in names:
+            b = base.raw(n) if n in held else files.base_raw(n, into)
+            taus: Any = None
+            if n in tvs:
+                taus = ([_to_device(files.expert_raw(j, n, into), self.device) for j in range(k)]
+                        if whole else tvs.experts_raw(n))
+            out[n] = (_to_device(b, self.device), taus, True)
         return out
 
     @contextmanager

@@ -23,10 +23,12 @@ import torch
 
 from merge_ops import layers, memory
 from merge_ops.checkpoint import (
+    NON_PERSISTENT_BUFFER,
     TORCH_DTYPES,
     CheckpointReader,
     CheckpointWriter,
     TensorSpec,
+    align_buffers,
     check_compatible,
     copy_aux_files,
 )
@@ -156,6 +158,8 @@ def run(ctx: JobContext) -> MethodResult:
         # open_checkpoint: a model given with a LoRA adapter reads as base + delta, tensor by tensor
         readers = {lab: stack.enter_context(open_checkpoint(m)) for lab, m in zip(labels, models, strict=True)}
         ref = readers[labels[0]]  # the base, or the first expert for base-free methods
+        # buffers transformers does not persist (BERT's position_ids under v5): the reference's set, read from it
+        align_buffers(ref, list(readers.values())[1:])
         vocab = _vocab_plan(spec, folders, labels)
         order = list(readers.values())
         # a sliced spec reads other blocks of models of any depth: its plan checks each tensor it reads
@@ -214,8 +218,8 @@ def run(ctx: JobContext) -> MethodResult:
             inputs = pending.result()
             pending = reads.submit(fetch, i + 1) if i + 1 < len(names) else None
             n_params += inputs[0].numel()
-            if name not in shared_set or not inputs[0].is_floating_point():
-                out = inputs[0].to(out_dt(name))
+            if name not in shared_set or not inputs[0].is_floating_point() or NON_PERSISTENT_BUFFER.search(name):
+                out = inputs[0].to(out_dt(name))  # a buffer is the reference's too: not a weight to merge
             else:
                 if vocab is not None and is_vocab_tensor(name):  # rows in the output vocabulary
                     inputs = vocab.remap(name, inputs, compute_dtype)

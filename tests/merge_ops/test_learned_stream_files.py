@@ -31,7 +31,34 @@ def _setup_files(family, dtype=torch.float64):
     return adapter, inputs
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
+def _tie(folder) -> None:
+    """Rewrite a write_llama checkpoint as a tied one (SmolLM2's layout): no lm_head, tied config."""
+    import json
+
+    from merge_ops.checkpoint import CheckpointReader, CheckpointWriter, TensorSpec
+
+    with CheckpointReader(folder) as r:
+        tensors = {n: r.read(n) for n in r.names() if n != "lm_head.weight"}
+    for f in folder.glob("*.safetensors*"):
+        f.unlink()
+    with CheckpointWriter(folder, [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], 1 << 62) as w:
+        for n, t in tensors.items():
+            w.write(n, t)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+
+
+@pytest.fixture(scope="module")
+def tied_llama(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("tied_llama")
+    base = write_llama(root / "base", hidden=32, layers=3, intermediate=64, vocab=64, heads=4, dtype=torch.float32)
+    experts = dict(zip("xy", make_experts(base, 2, root, scale=0.02, dtype=torch.float32), strict=True))
+    for f in [base, *experts.values()]:
+        _tie(f)
+    return base, experts, []
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "tied_llama"])
 @pytest.mark.parametrize("method", ["adamerging", "expert_merging_chunks"])
 def test_file_backed_gradient_equals_in_memory(family, method, request):
     fam = request.getfixturevalue(family)
@@ -75,6 +102,9 @@ def test_file_backed_gradient_equals_in_memory(family, method, request):
 
     ref = _grad(engine_for(ref_inputs), make_loss(ref_adapter, ref_inputs))
     got = _grad(engine_for(inputs).stream(adapter), make_loss(adapter, inputs))
+    if family == "tied_llama":  # the tied embedding is held and learned on the Step path, sparse lookup
+        assert "model.embed_tokens.weight" in inputs.task_vectors and inputs.base.resident
+        assert adapter.module.get_input_embeddings().sparse
     assert ref.abs().max() > 1e-6
     assert torch.allclose(got, ref, rtol=0, atol=1e-9), (got - ref).abs().max()
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -45,9 +46,57 @@ def test_plan_counts_task_vectors_per_expert_and_streaming_saves_the_merged_copy
     four = plan_memory(base, k=4, batch=2, seq_len=16)  # streamed: the files are the store
     s1 = plan_memory(base, k=1, batch=2, seq_len=16)
     assert four.task_vectors_mib == 0 and four.base_mib == 0  # untied: nothing held
-    assert 0 < s1.blocks_mib < four.blocks_mib <= 0.5 * four.model_mib + 1e-9  # the cache's budget
+    # the cache's slots stay within its budget (one slot of θ₀ + 1 expert at K = 1; at K = 4 a block
+    # exceeds the budget: slots of θ₀ only, as many as it holds)
+    assert 0 < s1.blocks_mib <= four.blocks_mib <= 0.5 * four.model_mib + 1e-9
     assert mem.merged_mib > four.merged_mib
     assert mem.peak_device_mib > four.peak_device_mib
+
+
+def _header_only(folder: Path, tensors: dict[str, tuple[int, ...]], cfg: dict) -> Path:
+    """A checkpoint folder the plan can read: config.json and a safetensors header (F32, no data)."""
+    import struct
+
+    folder.mkdir(parents=True)
+    header, at = {}, 0
+    for n, shape in tensors.items():
+        size = 4 * math.prod(shape)
+        header[n] = {"dtype": "F32", "shape": list(shape), "data_offsets": [at, at + size]}
+        at += size
+    raw = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_streamed_plan_counts_the_cache_slots_and_a_tied_embedding(tmp_path):
+    h, inter, vocab, layers = 64, 128, 8000, 6
+    block = {f"model.layers.{i}.{n}": s for i in range(layers) for n, s in
+             [("self_attn.q_proj.weight", (h, h)), ("self_attn.k_proj.weight", (h, h)),
+              ("self_attn.v_proj.weight", (h, h)), ("self_attn.o_proj.weight", (h, h)),
+              ("mlp.gate_proj.weight", (inter, h)), ("mlp.up_proj.weight", (inter, h)),
+              ("mlp.down_proj.weight", (h, inter)), ("input_layernorm.weight", (h,))]}
+    cfg = {"hidden_size": h, "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 4,
+           "vocab_size": vocab, "tie_word_embeddings": True}
+    base = _header_only(tmp_path / "tied", {"model.embed_tokens.weight": (vocab, h), **block,
+                                              "model.norm.weight": (h,)}, cfg)
+    per_block = 4 * h * h + 3 * inter * h + h  # elements
+    emb = vocab * h
+    mib = 2**20
+    # the cache's budget is half the model's bytes: it holds 3 slots of θ₀ + K experts at K = 1, 2, one
+    # slot at K = 4; at K = 64 a block alone exceeds it: 3 slots of θ₀ only (experts read one at a time)
+    for k, slots, tensors in [(1, 3, 2), (2, 3, 3), (4, 1, 5), (64, 3, 1)]:
+        p = plan_memory(base, k=k, batch=1, seq_len=8)
+        assert p.blocks_mib == pytest.approx(slots * tensors * 4 * per_block / mib, abs=0.01)
+        # held θ₀ of the tied embedding; its θ(c), leaf gradient and the head's waiting gradient (+ their
+        # sum from the second task on), and one block's θ(c), gradients and scratch
+        assert p.base_mib == pytest.approx(4 * emb / mib, abs=0.01)
+        extra = 3 + (1 if k > 1 else 0)
+        assert p.merged_mib == pytest.approx(4 * (3 * per_block + extra * emb) / mib, abs=0.01)
+    # in memory: no term for the input files' pages (they are read with preadv, never mapped)
+    m = plan_memory(base, k=2, batch=1, seq_len=8, mode="in_memory")
+    terms = m.base_mib + m.task_vectors_mib + m.merged_mib + m.activations_mib
+    assert m.peak_device_mib == pytest.approx(terms + 420.0, abs=0.1)
 
 
 def test_check_fits_explains_what_to_change(family):
