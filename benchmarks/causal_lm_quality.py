@@ -8,7 +8,8 @@ Domains (all offline, sampled with a fixed seed; fine-tune / calibration / held-
     de         German fortune cookies (Debian fortunes-de)                      perplexity
     code       Python standard library source, 16-line blocks, split by file   perplexity (off by default)
     gloss      WordNet 3.0 noun glosses (Debian wordnet-base, data.noun)        perplexity
-    arith      "What is 47+385?" -> "432", generated                           exact match
+    arith      "What is 47+385?" -> "432", generated                           exact match (off by default)
+    topic      fortune -> its topic, 5 classes (../shared/benchmark-data/fortune_topic)  exact match
     sentiment  fine-food review -> "positive"/"negative" (../shared/benchmark-data/sentiment)  exact match
 
 Experts: full fine-tuning (embeddings, tied with the head, frozen), AdamW, batch 8, max length 64, until
@@ -52,10 +53,12 @@ MAX_LEN = 64
 HELD, CAL = 200, 200  # held-out rows / calibration rows per domain
 CAL_SEARCH = 64  # calibration rows per domain that score a task-arithmetic λ
 PPL_DOMAINS = ("de", "code", "gloss")
-EM_DOMAINS = ("arith", "sentiment")
+EM_DOMAINS = ("arith", "sentiment", "topic")
 # the code domain is built and can be turned on (--domains); off by default: its 64-token rows make it
-# the costliest expert and every merge row ~25 % slower on 2 cores
-DOMAINS: tuple[str, ...] = ("de", "gloss", "arith", "sentiment")
+# the costliest expert and every merge row ~25 % slower on 2 cores. arith is built and off too: with
+# full fine-tuning of 60-90 steps its expert collapses to one answer ("1111") and scores 0/200, so
+# it gave no exact-match signal; topic (5 classes, as generation) is the second exact-match domain
+DOMAINS: tuple[str, ...] = ("de", "gloss", "topic", "sentiment")
 
 
 def convert_gguf() -> Path:
@@ -156,32 +159,45 @@ def _arith() -> list[tuple[str, str]]:
     return sorted(rows)
 
 
-def _sentiment() -> list[tuple[str, str]]:
+def _labelled(task: str, lead: str, ask: str, answer) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """A classification set of ../shared/benchmark-data as generation: "<lead>: <text, 32 words>\n<ask>:"
+    -> the class name; (train, test) rows, each shuffled with a fixed seed."""
     def load(split: str) -> list[tuple[str, str]]:
         out = []
-        for x in (DATA / "sentiment" / f"{split}.jsonl").read_text().splitlines():
+        for x in (DATA / task / f"{split}.jsonl").read_text().splitlines():
             if x.strip():
                 r = json.loads(x)
-                review = " ".join(r["text"].split()[:32])
-                out.append((f"Review: {review}\nSentiment:", "positive" if r["label"] == 1 else "negative"))
+                text = " ".join(r["text"].split()[:32])
+                out.append((f"{lead}: {text}\n{ask}:", answer(r["label"])))
         return out
 
     train, test = load("train"), load("test")
     random.Random(4).shuffle(train)
     random.Random(4).shuffle(test)
-    return train, test  # type: ignore[return-value]
+    return train, test
+
+
+def _sentiment() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    return _labelled("sentiment", "Review", "Sentiment", lambda y: "positive" if y == 1 else "negative")
+
+
+def _topic() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    classes = json.loads((DATA / "fortune_topic" / "meta.json").read_text())["classes"]
+    return _labelled("fortune_topic", "Quote", "Topic", lambda y: classes[y])
 
 
 def build_data() -> dict[str, dict[str, list]]:
     f = CACHE / "data.json"
-    if f.exists():
-        return json.loads(f.read_text())
-    data: dict[str, dict[str, list]] = {"de": _split(_de(), 5, 3000), "code": _code(),
-                                         "gloss": _split(_gloss(), 6, 3000), "arith": _split(_arith(), 7, 3000)}
-    train, test = _sentiment()
-    held = list(dict.fromkeys(test))[:HELD]
-    train = [r for r in dict.fromkeys(train) if r[0] not in {h[0] for h in held}]  # truncation can merge rows
-    data["sentiment"] = {"held": held, "cal": train[:CAL], "ft": train[CAL:]}
+    data: dict[str, dict[str, list]] = json.loads(f.read_text()) if f.exists() else {}
+    if all(d in data for d in PPL_DOMAINS + EM_DOMAINS):
+        return data
+    data |= {"de": _split(_de(), 5, 3000), "code": _code(), "gloss": _split(_gloss(), 6, 3000),
+             "arith": _split(_arith(), 7, 3000)}
+    for d, make in (("sentiment", _sentiment), ("topic", _topic)):
+        train, test = make()
+        held = list(dict.fromkeys(test))[:HELD]
+        train = [r for r in dict.fromkeys(train) if r[0] not in {h[0] for h in held}]  # truncation can merge rows
+        data[d] = {"held": held, "cal": train[:CAL], "ft": train[CAL:]}
     for d, s in data.items():
         for k, v in s.items():
             s[k] = [list(x) if isinstance(x, tuple) else x for x in v]
@@ -337,8 +353,10 @@ def calibration(data: dict, experts: dict[str, Path]) -> dict[str, Path]:
             prompts = [r[0] for r in rows]
             ans = greedy(experts[d], prompts)
             # prompt-completion rows: a learned causal-LM objective scores the answer's predictions only
-            lines = [{"input_ids": (q := tok(p)["input_ids"]) + a, "completion_mask": [0] * len(q) + [1] * len(a)}
-                     for p, a in zip(prompts, ans, strict=True)]
+            # (a prompt is cut from its start where prompt + answer would pass MAX_LEN: the answer and
+            # the question right before it stay)
+            lines = [{"input_ids": (q := tok(p)["input_ids"][-(MAX_LEN - len(a)):]) + a,
+                      "completion_mask": [0] * len(q) + [1] * len(a)} for p, a in zip(prompts, ans, strict=True)]
         f.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
     return out
 
@@ -355,8 +373,9 @@ def learn_files(cal: dict[str, Path]) -> dict[str, Path]:
         # the ablation of prompt-completion rows: the same ids, every token scored
         h = f.with_suffix(".learn_alltok.jsonl")
         if not h.exists():
-            h.write_text("".join(json.dumps({"input_ids": json.loads(x)["input_ids"]}) + "\n"
-                                 for x in g.read_text().splitlines()))
+            rows = [json.loads(x) for x in g.read_text().splitlines()]
+            h.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "completion_mask"},
+                                            ensure_ascii=False) + "\n" for r in rows))
         out[f"{d}:alltok"] = h
     return out
 
@@ -390,7 +409,8 @@ def cal_sets(cal: dict[str, Path], data: dict) -> dict:
         if d in EM_DOMAINS:
             rows = []
             for line, (prompt, _) in zip(lines, data[d]["cal"], strict=False):
-                ids = json.loads(line)["input_ids"][len(tok(prompt)["input_ids"]):]
+                r = json.loads(line)
+                ids = [i for i, m in zip(r["input_ids"], r["completion_mask"], strict=True) if m]
                 answer = tok.decode([i for i in ids if i != tok.eos_token_id], skip_special_tokens=True)
                 if answer.strip():
                     rows.append(json.dumps({"prompt": prompt, "answer": answer}, ensure_ascii=False) + "\n")
@@ -730,8 +750,8 @@ def main() -> None:
     if args.select:  # settings of the learned methods, scored on the calibration split (never held-out)
         sel_file = ROOT / "results" / "causal_lm_selection.json"
         sel = json.loads(sel_file.read_text()) if sel_file.exists() else {}
-        for key in learned:
-            if key in which and learned[key][3]:
+        for key in [k for k in args.rows.split(",") if k in learned]:  # in the order asked
+            if learned[key][3]:
                 out, info, tag = seeded(key, seeds[0])
                 r = evaluate(out, cset, f"{tag}.cal2")
                 drop_weights(out)

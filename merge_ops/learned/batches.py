@@ -60,14 +60,18 @@ def token_ids_by_line(rows, tokenizer, max_length: int, source: str) -> dict[int
     (both cut at `max_length`); a prompt-completion row's prompt and completion are tokenised apart
     (the completion without special tokens) and joined, as TRL does."""
     texts = [r for r in rows if r.text is not None]
-    ids = {r.line: sample(list(r.input_ids[:max_length]), r.completion_mask and r.completion_mask[:max_length])
-           for r in rows if r.input_ids is not None}
+
+    def mask(r) -> tuple[int, ...] | None:  # evaluation rows (aTLAS's labelled sets) carry no completion
+        m = getattr(r, "completion_mask", None)
+        return None if m is None else m[:max_length]
+
+    ids = {r.line: sample(list(r.input_ids[:max_length]), mask(r)) for r in rows if r.input_ids is not None}
     if texts:
         if tokenizer is None:
             raise CalibrationError(f"{source} holds text but the base model has no tokenizer files: give "
                                    '"input_ids" instead', param=source)
         enc = tokenizer([r.text for r in texts], truncation=True, max_length=max_length)["input_ids"]  # type: ignore[operator]
-        pairs = [(r, x) for r, x in zip(texts, enc, strict=True) if r.completion is not None]
+        pairs = [(r, x) for r, x in zip(texts, enc, strict=True) if getattr(r, "completion", None) is not None]
         comp = tokenizer([r.completion for r, _ in pairs], add_special_tokens=False)["input_ids"] if pairs else []  # type: ignore[operator]
         done = {}
         for (r, x), c in zip(pairs, comp, strict=True):

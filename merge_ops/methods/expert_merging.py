@@ -41,15 +41,16 @@ every other default is the same for both kinds):
                          and learning starts — and γ anchors — at the best λ instead of alpha0.
                          Why: started at α₀ 0.1 with γ pulling back to 0.1, the learned merge ended
                          below task arithmetic (the old 2-expert result: German ppl 71 vs 51). Why
-                         NLL and not the alignment loss itself: on SmolLM2 + 4 experts the
-                         alignment loss (scored on every token, prompts included) was lowest at
-                         λ 0.6 and Expert Merging started there reached 0.661 average normalised
-                         gain (seed 0), against 0.892 started at 0.3 — the λ the calibration NLL
-                         picks (task arithmetic NLL on 32 calibration rows per domain, mean over
-                         domains: λ 0.3 3.92, 0.5 4.49, 0.7 5.30; the JSON's
-                         adamerging_objective_check) and the one the benchmark's task-arithmetic
-                         calibration search picks.
+                         NLL and not the alignment loss itself: the NLL is the LM loss of the rows,
+                         comparable across λ without the teachers' entropy in it. Measured on SmolLM2
+                         + 4 experts (benchmarks/README.md, scored on calibration rows no merge learned
+                         from): the search picks λ 0.3 and reaches 0.903 mean normalised gain, against
+                         0.896 started at α₀ 0.1 — a small gain, kept.
 Both are plain parameters ("variance"/"none", "on"/"off"), so a job can override either.
+Prompt-completion calibration rows (batches.py): on a causal LM the logit term, like the init
+search's NLL, scores only the predictions of completion tokens. That is what made Expert Merging work
+on causal LMs: with the same rows scored on every token (the prompts of answer-only experts included)
+it reached 0.592 on that calibration score, against 0.903 (task arithmetic: 0.745).
 
 The teachers are run once over their samples (teacher_cache.py) and freed before learning.
 
