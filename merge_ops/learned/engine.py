@@ -249,8 +249,8 @@ class MergeEngine(torch.nn.Module):
         the streamed path, whose autograd keeps no τ (backward calls `load` again)."""
         slot = self.groups.slots.get(name)
         dtype = self._dtype
-        if slot is None:  # not merged: θ₀ (in the compute dtype), a copy: load() may give a view of a
-            return load()[0].to(dtype, copy=True)  # reused read buffer (streaming.Slot)
+        if slot is None:  # not merged: θ₀ (in the compute dtype)
+            return load()[0].to(dtype)
         k = len(self.inputs.experts)
         if slot.chunks == 0:
             rows, sizes = self.fixed.view(1, k), [slot.numel]

@@ -357,7 +357,9 @@ class BlockStreamer:
         if into is not None:
             slot.reserve(need)
         for n in names:
-            b = base.raw(n) if n in held else files.base_raw(n, into)
+            # a tensor that is not merged is used as read (engine.merged returns it as θ₀): a fresh
+            # tensor, so nothing outlives the slot it would share; merged ones are only read from
+            b = base.raw(n) if n in held else files.base_raw(n, into if n in tvs else None)
             taus: Any = None
             if n in tvs:
                 taus = ([_to_device(files.expert_raw(j, n, into), self.device) for j in range(k)]
