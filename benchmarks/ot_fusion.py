@@ -5,6 +5,11 @@
     from different seeds and data orders.
 (b) Two small BERT-style classifiers (byte-level tokens, trained from scratch, different seeds) on a
     task of ../shared/benchmark-data (default language_id).
+(c) CLAFusion (`--only depth`): a 5-hidden-layer MLP (784-400-300-200-150-100-10) and a 3-hidden-layer
+    one (784-400-200-100-10) on Fashion-MNIST, different seeds; fused through the job path (`clafusion`,
+    layer alignment by activation CKA or widths, identity layers inserted, then OT fusion) against
+    the same OT fusion after naive depth matching (the shallow model's layers first, identity layers
+    appended before its classifier); no plain average exists (the widths differ).
 For each pair: the parents' test accuracy, vanilla weight averaging, and OT fusion with weight- and
 activation-based ground metrics, exact (ot.emd) and Sinkhorn, all one-shot (no fine-tuning).
 
@@ -165,19 +170,111 @@ def run_case(name: str, family: str, make, config: dict, data, *, epochs: int, l
     return case
 
 
+# depth 5 vs 3: the inner shallow layer may map to any of the deep model's layers 1-3 (with 2 into 3 the
+# map is forced: first to first, last to last)
+DEEP_MLP = {**MLP, "hidden": [400, 300, 200, 150, 100]}
+SHALLOW_MLP = {**MLP, "hidden": [400, 200, 100]}
+
+
+def run_depth_case(data, *, epochs: int, pairs=((1, 2), (3, 4), (5, 6))) -> dict:
+    """CLAFusion through run_method (as a job) vs naive depth matching + the same OT fusion, over
+    several parent pairs (each pair: the deep and the shallow MLP trained from its two seeds)."""
+    per_pair = [_depth_pair(data, epochs=epochs, seeds=pr) for pr in pairs]
+    keys = [(r["method"], r["ground_metric"]) for r in per_pair[0]["runs"]]
+    runs = []
+    for i, (method, metric) in enumerate(keys):
+        accs = [pp["runs"][i]["acc"] for pp in per_pair]
+        runs.append({"method": method, "ground_metric": metric, "solver": "exact",
+                     "acc": round(sum(accs) / len(accs), 4), "acc_per_pair": accs,
+                     **({"layer_maps": [pp["runs"][i]["layer_map"] for pp in per_pair]}
+                        if "layer_map" in per_pair[0]["runs"][i] else {})})
+        print(f"  fmnist_mlp_depth {method:40s} {metric:12s} mean {runs[-1]['acc']:.4f} {accs}", flush=True)
+    parents = {n: round(sum(pp["parents"][n] for pp in per_pair) / len(per_pair), 4) for n in ("deep", "shallow")}
+    best = max((r for r in runs if r["method"].startswith("CLAFusion")), key=lambda r: r["acc"])
+    return {"name": "fmnist_mlp_depth", "family": "depth", "parents_acc": list(parents.values()),
+            "parents": {n: {"hidden": c["hidden"], "acc": parents[n]} for n, c in
+                        (("deep", DEEP_MLP), ("shallow", SHALLOW_MLP))},
+            "pairs": [list(pr) for pr in pairs], "vanilla_acc": None,  # the widths differ: no plain average
+            "ot_acc": best["acc"],
+            "naive_ot_acc": max(r["acc"] for r in runs if r["method"] == "naive depth match + OT fusion"),
+            "settings": {k: best[k] for k in ("method", "ground_metric", "solver")}, "runs": runs,
+            "train_epochs": epochs, "train_s": round(sum(pp["train_s"] for pp in per_pair), 1),
+            "calibration_samples": len(data[4])}
+
+
+def _depth_pair(data, *, epochs: int, seeds: tuple[int, int]) -> dict:
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    from merge_ops.context import Callbacks, JobContext, ResolvedModel
+    from merge_ops.ot.layer_align import insert_identity
+    from merge_ops.runner import run_method
+    from merge_ops.spec import spec_from_dict
+
+    xtr, ytr, xte, yte, calib = data
+    t0 = time.perf_counter()
+    cfgs = {"deep": DEEP_MLP, "shallow": SHALLOW_MLP}
+    sds, parents_acc = {}, {}
+    for (name, cfg), s in zip(cfgs.items(), seeds, strict=True):
+        torch.manual_seed(s)
+        model = train(build_module(cfg).train(), xtr, ytr, seed=100 + s, epochs=epochs, lr=1e-3, batch=128)
+        parents_acc[name] = accuracy(model, xte, yte)
+        sds[name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    train_s = time.perf_counter() - t0
+    depth = len(DEEP_MLP["hidden"])
+
+    def evaluate(sd: dict) -> float:
+        return accuracy(build_module(DEEP_MLP, {k: v.float() for k, v in sd.items()}), xte, yte)
+
+    settings = [SETTINGS[0], SETTINGS[2]]  # exact OT, weight and activation ground metrics
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="clafusion-bench-") as tmp:
+        folders = {}
+        for name, cfg in cfgs.items():
+            folders[name] = Path(tmp) / name
+            folders[name].mkdir()
+            save_file({k: v.contiguous() for k, v in sds[name].items()}, str(folders[name] / "model.safetensors"))
+            (folders[name] / "config.json").write_text(json.dumps(cfg))
+        cal = Path(tmp) / "cal.jsonl"
+        cal.write_text("".join(json.dumps({"input": r.flatten().tolist()}) + "\n" for r in calib))
+        for measure in ("activation", "neuron"):
+            for st in settings:
+                out = Path(tmp) / f"out-{measure}-{st['ground_metric']}"
+                spec = spec_from_dict({"method": "clafusion", "parameters": {"layer_measure": measure, **st},
+                                       "experts": [{"model": str(p), "name": n} for n, p in folders.items()],
+                                       "calibration": {"tasks": {"deep": str(cal)}, "samples_per_task": len(calib)}})
+                ctx = JobContext(spec=spec, base=None, experts=[ResolvedModel(str(p), p) for p in folders.values()],
+                                 out_dir=out, calibration={"deep": cal}, channel=Callbacks(lambda *a, **k: None))
+                res = run_method(ctx)
+                runs.append({"method": f"CLAFusion ({measure} layer cost)", "ground_metric": st["ground_metric"],
+                             "acc": evaluate(load_file(str(out / "model.safetensors"))),
+                             "layer_map": res.metrics["layer_maps"]["shallow"]})
+        # naive matching: the shallow model's layers first, identity layers before its classifier
+        naive, naive_cfg = insert_identity(sds["shallow"], SHALLOW_MLP, list(range(len(SHALLOW_MLP["hidden"]))),
+                                           depth)
+        for st in settings:
+            res = fuse([sds["deep"], naive], [DEEP_MLP, naive_cfg], anchor=0, options=FusionOptions(**st), inputs=calib)
+            runs.append({"method": "naive depth match + OT fusion", "ground_metric": st["ground_metric"],
+                         "acc": evaluate(res.state_dict)})
+    print(f"  pair {seeds}: parents {parents_acc}, " + ", ".join(f"{r['method']} {r['ground_metric']} {r['acc']:.4f}"
+                                                           for r in runs), flush=True)
+    return {"parents": parents_acc, "runs": runs, "train_s": train_s}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer epochs and samples (smoke run)")
     ap.add_argument("--task", default="language_id", help="benchmark-data text task for (b)")
-    ap.add_argument("--only", choices=("mlp", "cnn", "transformer"), action="append")
+    ap.add_argument("--only", choices=("mlp", "cnn", "transformer", "depth"), action="append")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default per case)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    only = set(args.only or ("mlp", "cnn", "transformer"))
+    only = set(args.only or ("mlp", "cnn", "transformer", "depth"))
     cases = []
-    if only & {"mlp", "cnn"}:
+    if only & {"mlp", "cnn", "depth"}:
         xtr, ytr, xte, yte = fashion_mnist()
         if args.quick:
             xtr, ytr = xtr[:10000], ytr[:10000]
@@ -191,6 +288,8 @@ def main() -> None:
             cases.append(run_case("fmnist_cnn", "cnn", lambda: build_module(CNN).train(), CNN,
                                   (xtr, ytr, xte, yte, calib), epochs=args.epochs or (1 if args.quick else 2), lr=2e-3,
                                   batch=128, extra_settings=bn))
+        if "depth" in only:
+            cases.append(run_depth_case((xtr, ytr, xte, yte, calib), epochs=args.epochs or (1 if args.quick else 3)))
     if "transformer" in only:
         xtr, ytr, xte, yte, calib, n_cls = text_task(args.task)
         cfg = transformers.BertConfig(vocab_size=260, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -206,7 +305,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = {c["name"] for c in cases}
     kept = json.loads(args.out.read_text())["cases"] if args.out.is_file() else []
-    order = {"mlp": 0, "cnn": 1, "transformer": 2}
+    order = {"mlp": 0, "cnn": 1, "transformer": 2, "depth": 3}
     merged = sorted([c for c in kept if c["name"] not in done] + cases, key=lambda c: order[c["family"]])
     args.out.write_text(json.dumps({"cases": merged, "quick": args.quick}, indent=2) + "\n")
     print(f"wrote {args.out}")

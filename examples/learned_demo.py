@@ -6,8 +6,9 @@ that the first run fits the demo's budget, and cached (ALLOY_DEMO_CACHE, default
 ~/.cache/alloy-demo; the folder name carries the recipe, so a changed recipe fine-tunes again).
 Then, through the HTTP API of a running `alloy up`: the tasks' test rows are uploaded as evaluation
 sets (`?purpose=evaluation`) and their unlabelled calibration rows as calibration sets, and two jobs
-run with an `evaluate:` stage, task arithmetic and layer-wise AdaMerging; the table compares them with the
-base and the experts, and the learned merge's card is in the service's local hub.
+run with an `evaluate:` stage, task arithmetic and RegMean++ (learned in closed form from the unlabelled
+calibration rows); the table compares them with the base and the experts, and the learned merge's card
+is in the service's local hub.
 
 What was chosen, and on what: 200 rows of each task's train.jsonl are held out of fine-tuning (a
 seeded shuffle) as validation rows; the tasks, the recipe, task arithmetic's λ and the learned
@@ -36,17 +37,23 @@ import encoder_experts as ee  # noqa: E402
 TASKS = ("tweet_source", "fortune_topic")
 RECIPE = {"steps": 80, "batch": 16, "lr": 2e-4, "head_lr": 2e-3, "max_len": 48, "seed": 0, "holdout": 200}
 TA_LAMBDA = 0.5
-LEARNED = {"label": "layer-wise AdaMerging", "method": "adamerging",
-           "parameters": {"granularity": "layer", "steps": 40, "batch_size": 16, "lr": 1e-2}}
+LEARNED = {"label": "RegMean++", "method": "regmean_plusplus", "parameters": {}}
 # accuracy on the 200 validation rows per task when these were chosen (this recipe, seed 0). Task
-# arithmetic's λ is the best of 0.3/0.5/0.7/1.0. Neither learned method tried beat it here (nor, with
-# Expert Merging 60 steps, on fortune_topic + supersense: 0.762 vs 0.780): see the report of issue 14.
+# arithmetic's λ is the best of 0.3/0.5/0.7/1.0; the learned method is the best of those below, each at
+# its defaults (AdaMerging at the benchmarks' 40-step schedule). The coefficient learners lose here: on
+# the binary tweet_source, entropy (AdaMerging) and expert pseudo-labels (Model Tinting, Expert Merging)
+# end near chance; RegMean/RegMean++ match each linear layer's outputs on the calibration rows instead.
 VALIDATION: dict[str, dict[str, float]] = {
     "task arithmetic λ 0.3": {"tweet_source": 0.715, "fortune_topic": 0.725},
     "task arithmetic λ 0.5": {"tweet_source": 0.755, "fortune_topic": 0.730},
     "task arithmetic λ 0.7": {"tweet_source": 0.750, "fortune_topic": 0.660},
     "task arithmetic λ 1.0": {"tweet_source": 0.740, "fortune_topic": 0.575},
     "layer-wise AdaMerging, 40 steps": {"tweet_source": 0.680, "fortune_topic": 0.750},
+    "Model Tinting++, 40 steps, batch 16, lr 1e-2": {"tweet_source": 0.535, "fortune_topic": 0.795},
+    "Model Tinting++, 80 steps": {"tweet_source": 0.535, "fortune_topic": 0.785},
+    "Expert Merging, defaults": {"tweet_source": 0.555, "fortune_topic": 0.750},
+    "RegMean": {"tweet_source": 0.760, "fortune_topic": 0.760},
+    "RegMean++": {"tweet_source": 0.780, "fortune_topic": 0.760},
 }
 HEAD = r"^classifier\."
 
