@@ -7,10 +7,13 @@ Every merge is evaluated with each task's own head on that task's test.jsonl.
 
     .venv/bin/python benchmarks/multitask_quality.py [--tasks a,b] [--seeds 0,1,2] [--data DIR]
         [--steps 500] [--rows experts,base,avg,ta,ties,ada_task,ada_layer,ada_pp,ada_layer_official,ada_layer_d1,
+                               atlas,atlas_fewshot,tinting,
                                regmean,regmean_pp,fisher,wudi,wudi_cf,tsv_m,iso_c,iso_cts,stf]
 
 The one-shot rows (regmean … stf) run each method once through the job path (run_method) with its
-defaults; the calibrated ones read 256 unlabelled calibration rows per task.
+defaults; the calibrated ones read 256 unlabelled calibration rows per task. The learned rows (AdaMerging,
+aTLAS, Model Tinting) share one schedule (--steps, --batch-size, --lr) and otherwise run their defaults;
+`atlas_fewshot` is aTLAS's supervised objective on the first 64 labelled rows of each task's train.jsonl.
 
 Writes benchmarks/results/multitask_quality.json ({"seeds", "tasks", "rows": [{"method", "avg_acc",
 "normalized", "per_task"}]}, means over seeds) and prints a markdown table. Learned merges only ever see
@@ -138,28 +141,51 @@ def static_merges(base: dict[str, torch.Tensor], experts: list[dict[str, torch.T
     return {"weight averaging": avg, "task arithmetic (λ 0.3)": ta, "TIES (top-20%, dis-sum, λ 0.3)": ties}
 
 
-# -- AdaMerging through the production path (run(ctx) writes a checkpoint; we score it) ---------
-ADA = {"ada_task": ("task-wise AdaMerging", "task", False, {}),
-       "ada_layer": ("layer-wise AdaMerging", "layer", False, {}),
-       "ada_pp": ("layer-wise AdaMerging++", "layer", True, {}),
-       # the collapse-guard ablation: the official loss (plain entropy, no per-task normalisation)
-       "ada_layer_official": ("layer-wise AdaMerging, official loss (no guard)", "layer", False,
-                              {"diversity": 0.0, "normalize_entropy": False}),
-       # the guard at the weight it had before the 5-task run showed it too weak
-       "ada_layer_d1": ("layer-wise AdaMerging, guard weight 1", "layer", False, {"diversity": 1.0})}
+# -- learned merges through the production path (run(ctx) writes a checkpoint + heads; we score them) ---
+# key -> (row label, method, parameters over the run's schedule, labelled few-shot rows?)
+LEARNED = {"ada_task": ("task-wise AdaMerging", "adamerging", {"granularity": "task", "plus": False}, False),
+           "ada_layer": ("layer-wise AdaMerging", "adamerging", {"granularity": "layer", "plus": False}, False),
+           "ada_pp": ("layer-wise AdaMerging++", "adamerging", {"granularity": "layer", "plus": True}, False),
+           # the collapse-guard ablation: the official loss (plain entropy, no per-task normalisation)
+           "ada_layer_official": ("layer-wise AdaMerging, official loss (no guard)", "adamerging",
+                                  {"granularity": "layer", "plus": False, "diversity": 0.0,
+                                   "normalize_entropy": False}, False),
+           # the guard at the weight it had before the 5-task run showed it too weak
+           "ada_layer_d1": ("layer-wise AdaMerging, guard weight 1", "adamerging",
+                            {"granularity": "layer", "plus": False, "diversity": 1.0}, False),
+           "atlas": ("aTLAS (unsupervised: expert pseudo-labels, trust filter)", "atlas", {}, False),
+           "atlas_fewshot": ("aTLAS (supervised, 64 labelled train rows per task)", "atlas",
+                             {"objective": "supervised"}, True),
+           "tinting": ("Model Tinting++ (coefficients + each task's head)", "model_tinting", {}, False)}
+FEW_SHOT = 64  # labelled rows per task for the supervised aTLAS row: the first of train.jsonl (never test)
 
 
-def run_adamerging(data: Path, tasks: list[str], key: str, seed: int, cfg: dict, ev: Evaluator) -> dict:
+def few_shot_file(data: Path, task: str) -> Path:
+    out = CACHE / "fewshot" / f"{task}-{FEW_SHOT}.jsonl"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        rows = read_jsonl(data / task / "train.jsonl")[:FEW_SHOT]
+        out.write_text("".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in rows))
+    return out
+
+
+def run_learned(data: Path, tasks: list[str], key: str, seed: int, cfg: dict, ev: Evaluator) -> dict:
     from merge_ops.context import Callbacks, JobContext, ResolvedModel
     from merge_ops.runner import run_method
     from merge_ops.spec import spec_from_dict
 
-    label, gran, plus, override = ADA[key]
+    label, method, override, labelled = LEARNED[key]
+    # the schedule (steps, batch, lr) is the run's; the collapse guard is AdaMerging's own parameter
+    cfg = {k: v for k, v in cfg.items() if method == "adamerging" or k in ("steps", "batch_size", "lr")}
     cfg = {**cfg, **override}
     # the cache is keyed on what is computed, not on the row: rows that run the same merge share it
-    raw = "" if cfg.get("normalize_entropy", True) else "-raw"
-    tag = (f"{gran}{'-pp' if plus else ''}-s{seed}-n{cfg['steps']}-b{cfg['batch_size']}-lr{cfg['lr']}"
-           f"-d{cfg['diversity']}{raw}-{'_'.join(tasks)}")
+    if method == "adamerging":
+        raw = "" if cfg.get("normalize_entropy", True) else "-raw"
+        tag = (f"{cfg['granularity']}{'-pp' if cfg['plus'] else ''}-s{seed}-n{cfg['steps']}-b{cfg['batch_size']}"
+               f"-lr{cfg['lr']}-d{cfg['diversity']}{raw}-{'_'.join(tasks)}")
+    else:
+        ptag = "-".join(f"{k}{v}" for k, v in sorted(cfg.items()))
+        tag = f"{method}-{ptag}-s{seed}-{'_'.join(tasks)}"
     out = CACHE / "runs" / tag
     done = out / "bench_result.json"
     if done.exists():
@@ -168,12 +194,13 @@ def run_adamerging(data: Path, tasks: list[str], key: str, seed: int, cfg: dict,
         import shutil
 
         shutil.rmtree(out)
+    cal = {t: (few_shot_file(data, t) if labelled else data / t / "calibration.jsonl") for t in tasks}
     spec = spec_from_dict({
-        "method": "adamerging", "base": str(base_dir()),
+        "method": method, "base": str(base_dir()),
         "experts": [{"model": str(expert_dir(t)), "name": t} for t in tasks],
-        "parameters": {"granularity": gran, "plus": plus, **cfg},
+        "parameters": cfg,
         "task_specific": [rf"^{HEAD}\."],
-        "calibration": {"tasks": {t: str(data / t / "calibration.jsonl") for t in tasks}, "max_length": MAX_LEN},
+        "calibration": {"tasks": {t: str(p) for t, p in cal.items()}, "max_length": MAX_LEN},
         "seed": seed,
     })
     t0 = time.time()
@@ -185,14 +212,14 @@ def run_adamerging(data: Path, tasks: list[str], key: str, seed: int, cfg: dict,
 
     ctx = JobContext(spec=spec, base=ResolvedModel(str(base_dir()), base_dir()),
                      experts=[ResolvedModel(str(expert_dir(t)), expert_dir(t)) for t in tasks], out_dir=out,
-                     calibration={t: data / t / "calibration.jsonl" for t in tasks}, channel=Callbacks(progress))
+                     calibration=cal, channel=Callbacks(progress))
     res = run_method(ctx)
     heads = {t: load_st(out / "heads" / f"{t}.safetensors") for t in tasks}
     acc = ev.accuracy(load_st(out / "model.safetensors"), heads)
     m = res.metrics
     result = {"per_task": acc, "seconds": m["learn_seconds"], "step_seconds": m["step_seconds"],
               "peak_rss_mib": m.get("peak_rss_mib"), "loss_first": m["loss_first"], "loss_final": m["loss_final"],
-              "class_share_max": m["class_share_max"], "coefficient_mean": m["coefficient_mean"]}
+              **{k: m[k] for k in ("class_share_max", "coefficient_mean", "kept_fraction_final") if k in m}}
     done.write_text(json.dumps(result, indent=1))
     return result
 
@@ -210,10 +237,6 @@ ONE_SHOT = {"regmean": ("RegMean (α 0.95)", "regmean", {}),
             "iso_cts": ("Iso-CTS (α 1.5)", "iso_cts", {}),
             "stf": ("STF (k = r/T, ridge 0.01)", "stf", {})}
 ONE_SHOT_ROWS = 256
-# the base checkpoint stores BERT's position_ids buffer, the experts (saved by transformers 5, where it is
-# not persistent) do not: the static driver refuses tensors missing from an expert unless declared
-# task-specific, in which case the base's copy is kept (what it is: the same arange)
-NO_BUFFER = r"^embeddings\.position_ids$"
 
 
 def run_one_shot(data: Path, tasks: list[str], key: str, ev: Evaluator, params: dict | None = None) -> dict:
@@ -240,7 +263,7 @@ def run_one_shot(data: Path, tasks: list[str], key: str, ev: Evaluator, params: 
     spec = spec_from_dict({
         "method": method, "base": str(base_dir()),
         "experts": [{"model": str(expert_dir(t)), "name": t} for t in tasks],
-        "parameters": params, "task_specific": [rf"^{HEAD}\.", *([] if calibrated else [NO_BUFFER])],
+        "parameters": params, "task_specific": [rf"^{HEAD}\."],
         **({"calibration": {"tasks": {t: str(p) for t, p in cal.items()}, "max_length": MAX_LEN,
                             "samples_per_task": ONE_SHOT_ROWS}} if calibrated else {}),
     })
@@ -266,7 +289,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--rows", default="experts,base,avg,ta,ties,ada_task,ada_layer,ada_pp,ada_layer_official,"
-                                      "ada_layer_d1,"
+                                      "ada_layer_d1,atlas,atlas_fewshot,tinting,"
                                       "regmean,regmean_pp,fisher,wudi,wudi_cf,tsv_m,iso_c,iso_cts,stf")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -333,12 +356,12 @@ def main() -> None:
                 return ev.accuracy(merges[label], heads)
 
             add(label, cached(label, score))
-    for key in ADA:
+    for key in LEARNED:
         if key not in rows_wanted:
             continue
-        runs = [run_adamerging(a.data, tasks, key, s, cfg, ev) for s in seeds]
+        runs = [run_learned(a.data, tasks, key, s, cfg, ev) for s in seeds]
         mean = {t: sum(r["per_task"][t] for r in runs) / len(runs) for t in tasks}
-        add(ADA[key][0], mean, runs=[{"seed": s, **r} for s, r in zip(seeds, runs, strict=True)])
+        add(LEARNED[key][0], mean, runs=[{"seed": s, **r} for s, r in zip(seeds, runs, strict=True)])
     for key in ONE_SHOT:  # deterministic: one run, whatever the seeds
         if key in rows_wanted:
             r = run_one_shot(a.data, tasks, key, ev)
