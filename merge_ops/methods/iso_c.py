@@ -21,10 +21,14 @@ When the spec has evaluation sets with labelled rows and does not set `alpha`, �
 as the authors do (grid 0.2…3.0 then ±0.1, best mean normalised score: static/alpha_select.py).
 
 Deviation from the official code, and why: directions whose singular value is at rounding level
-(≤ max(m, n)·eps·σ_max) are left out of U·Vᵀ, while σ̄ is still the mean of all r values. Their singular
-vectors are an arbitrary completion chosen by LAPACK (a rank-deficient Δ: low-rank task vectors, or a
-matrix no expert changed), so the official result there depends on the library build. Identical on
-full-rank Δ. SVD in float32 (as the official code and FusionBench), float64 with `dtype: float64`.
+(≤ ½·sqrt(m+n+1)·eps·σ_max, spectral.py) are left out of U·Vᵀ, while σ̄ is still the mean of all r
+values. Their singular vectors are an arbitrary completion chosen by LAPACK (a rank-deficient Δ: low-rank
+task vectors, or a matrix no expert changed), so the official result there depends on the library build.
+Identical on full-rank Δ. The one case seen on real experts: Δ of all-MiniLM-L6-v2's layer-4 attention
+query (4 experts) has σ_min = 0.5·eps32·σ_max (1.9 as float32 computes it, inside the 1.5-9 band where
+exact zeros land); FusionBench adds σ̄·u·vᵀ for it (17 % of that tensor's largest change), Alloy does not
+in float32 and does with `dtype: float64`.
+SVD in float32 (as the official code and FusionBench), float64 with `dtype: float64`.
 """
 
 from __future__ import annotations
