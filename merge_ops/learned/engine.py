@@ -27,10 +27,11 @@ table's gradient over the ranks (distributed.py).
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import time
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,19 +245,30 @@ class MergeEngine(torch.nn.Module):
             delta = torch.cat([rows[s] @ seg for s, seg in enumerate(segs)])
         return base + delta.view(base.shape)
 
-    def merge_entry(self, name: str, c: torch.Tensor, load: Callable[[], tuple]) -> torch.Tensor:
+    def merge_entry(self, name: str, c: torch.Tensor, load: Callable[[], tuple],
+                    numel: int | None = None) -> torch.Tensor:
         """θ[name] through `merge` (below) from what `load()` gives (MergeInputs.entry's triple):
-        the streamed path, whose autograd keeps no τ (backward calls `load` again)."""
+        the streamed path, whose autograd keeps no τ (backward calls `load` again). `numel`: `load`
+        gives a part of the tensor of that many elements (gathered rows), merged under the tensor's
+        one coefficient (`part_mergeable`)."""
         slot = self.groups.slots.get(name)
         dtype = self._dtype
         if slot is None:  # not merged: θ₀ (in the compute dtype)
             return load()[0].to(dtype)
         k = len(self.inputs.experts)
+        if numel is not None and slot.chunks > 1:
+            raise ValueError(f"{name}: a part of a tensor with {slot.chunks} coefficient slices")
         if slot.chunks == 0:
-            rows, sizes = self.fixed.view(1, k), [slot.numel]
+            rows, sizes = self.fixed.view(1, k), [slot.numel if numel is None else numel]
         else:
-            rows, sizes = c[slot.row: slot.row + slot.chunks], slot.chunk_sizes()
+            rows = c[slot.row: slot.row + slot.chunks]
+            sizes = slot.chunk_sizes() if numel is None else [numel]
         return merge(rows, load, sizes, dtype)
+
+    def part_mergeable(self, name: str) -> bool:
+        """Whether a part of tensor `name` merges on its own: one coefficient (or none) over it all."""
+        slot = self.groups.slots.get(name)
+        return slot is None or slot.chunks <= 1
 
     @property
     def _dtype(self) -> torch.dtype:  # the compute dtype
@@ -291,7 +303,11 @@ class _Merge(torch.autograd.Function):
     τₖ is formed one expert at a time in a single scratch buffer (from the experts' stored tensors
     when the entry is file-backed: τₖ = eₖ.to(dtype) − θ₀, `load_merge_inputs`' arithmetic) and
     nothing of it is saved for backward: backward calls `load` again and takes ⟨g, τₖ⟩ per slice.
-    Autograd therefore holds no [K, ...] stack, in any dtype, between forward and backward."""
+    Autograd therefore holds no [K, ...] stack, in any dtype, between forward and backward.
+
+    On CPU, file-backed entries go through `_merge_cpu` / `_grad_cpu`: the same arithmetic in
+    cache-sized pieces, with no full-size temporary but the result (the streamed step merges each
+    unit three times per task, so its passes over memory and page faults were most of its time)."""
 
     @staticmethod
     def forward(ctx, rows, load, sizes, dtype):  # type: ignore[override]
@@ -300,6 +316,8 @@ class _Merge(torch.autograd.Function):
         r = rows.to(dtype)
         if not experts and len(sizes) == 1:  # a held [K, ...] stack: one fused K-term sum
             return base + (r @ taus.reshape(len(taus), -1)).view(base.shape)
+        if experts and base.device.type == "cpu":
+            return _merge_cpu(base, taus, sizes, r.tolist(), dtype)
         bflat = base.reshape(-1).to(dtype)  # τₖ = eₖ − θ₀ in the compute dtype, never the stored one
         out = bflat.clone().view(base.shape)
         flat = out.view(-1)
@@ -321,12 +339,119 @@ class _Merge(torch.autograd.Function):
         gflat = g.reshape(-1).to(ctx.dtype)
         if not experts and len(ctx.sizes) == 1:
             return (taus.reshape(len(taus), -1) @ gflat).view(1, -1), None, None, None
+        if experts and base.device.type == "cpu":
+            return _grad_cpu(base, taus, ctx.sizes, gflat, ctx.dtype), None, None, None
         b = base.reshape(-1).to(ctx.dtype)
         buf = torch.empty_like(gflat) if experts else None
         cols = []
         for t in _taus(taus, experts, b, buf):
             cols.append(torch.stack([torch.dot(gflat[sl], t[sl]) for sl in _slices(ctx.sizes)]))
         return torch.stack(cols, 1), None, None, None
+
+
+CPU_CHUNK_BYTES = 1 << 19  # per scratch piece of the CPU merge (below): in cache, and on glibc's heap
+
+
+def _chunks(n: int, step: int, sizes: Sequence[int]) -> Iterator[tuple[int, int, list[tuple[int, int, int]]]]:
+    """(lo, hi, [(slice s, a, z), ...]) over [0, n) in `step` pieces, with the parts of the
+    coefficient slices each piece holds (a, z relative to lo)."""
+    bounds = list(itertools.accumulate(sizes, initial=0))
+    s = 0
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        spans = []
+        while s < len(sizes) and bounds[s] < hi:
+            a, z = max(bounds[s], lo), min(bounds[s + 1], hi)
+            if z > a:
+                spans.append((s, a - lo, z - lo))
+            if bounds[s + 1] > hi:
+                break
+            s += 1
+        yield lo, hi, spans
+
+
+def _held_or_one_by_one(experts: Sequence[torch.Tensor]) -> Iterator[list[tuple[int, torch.Tensor]]]:
+    """[(k, eₖ flattened)] groups: all K at once when they are held (a list: each piece of θ₀ is
+    widened once, and the output piece stays in cache across the K), one at a time when each is read
+    from its file on access (ExpertTensors: one expert's tensor in memory at a time)."""
+    if isinstance(experts, list | tuple):
+        yield [(k, e.reshape(-1)) for k, e in enumerate(experts)]
+    else:
+        for k, e in enumerate(experts):
+            yield [(k, e.reshape(-1))]
+
+
+class _Pieces:
+    """The CPU merge's two scratch pieces (θ₀'s and τₖ's) in the compute dtype: CPU_CHUNK_BYTES
+    each, so they stay in cache and below glibc's mmap threshold (MMAP_THRESHOLD: an allocation from
+    it on is a fresh mapping, page-faulted on first touch), where the heap reuses them."""
+
+    def __init__(self, base: torch.Tensor, dtype: torch.dtype):
+        self.flat = base.reshape(-1)
+        self.n = self.flat.numel()
+        self.step = max(1, CPU_CHUNK_BYTES // dtype.itemsize)
+        c = min(self.step, self.n)
+        self.dtype = dtype
+        self.b, self.t = (torch.empty(c, dtype=dtype, device=base.device) for _ in range(2))
+
+    def base(self, lo: int, hi: int) -> torch.Tensor:
+        """θ₀'s piece in the compute dtype (a view of θ₀ when it is stored in it)."""
+        b = self.flat[lo:hi]
+        return b if b.dtype == self.dtype else self.b[: hi - lo].copy_(b)
+
+    def tau(self, e: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """e − b as `torch.sub(e, b)` computes it: a narrower stored e is widened first (exact, and
+        cheaper than the mixed-dtype kernel, which allocates a widened copy), a wider one is not."""
+        out = self.t[: e.numel()]
+        if e.dtype == self.dtype or torch.promote_types(e.dtype, self.dtype) != self.dtype:
+            return torch.sub(e, b, out=out)
+        return out.copy_(e).sub_(b)
+
+
+def _merge_cpu(base: torch.Tensor, experts: Sequence[torch.Tensor], sizes: Sequence[int],
+               scale: list[list[float]], dtype: torch.dtype) -> torch.Tensor:
+    """θ₀ + Σₖ scale[s][k]·(eₖ − θ₀) from stored tensors, piece by piece (`_Pieces`): per element
+    the same operations in the same order as the whole-tensor form, so the same values. The result
+    is the only full-size allocation."""
+    p = _Pieces(base, dtype)
+    out = torch.empty(p.n, dtype=dtype, device=base.device)
+    for group in _held_or_one_by_one(experts):
+        for lo, hi, spans in _chunks(p.n, p.step, sizes):
+            b, o = p.base(lo, hi), out[lo:hi]
+            for k, e in group:
+                t = p.tau(e[lo:hi], b)
+                if len(spans) == 1:  # one coefficient over the piece (always, for one slice)
+                    s = spans[0][0]
+                    if k == 0:  # θ₀ + c·τ₀ straight into the output: no copy of θ₀ first
+                        torch.add(b, t, alpha=scale[s][0], out=o)
+                    else:
+                        o.add_(t, alpha=scale[s][k])
+                    continue
+                for s, a, z in spans:
+                    if k == 0:
+                        torch.add(b[a:z], t[a:z], alpha=scale[s][0], out=o[a:z])
+                    else:
+                        o[a:z].add_(t[a:z], alpha=scale[s][k])
+    return out.view(base.shape)
+
+
+def _grad_cpu(base: torch.Tensor, experts: Sequence[torch.Tensor], sizes: Sequence[int],
+              g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[slices, K] ⟨g, τₖ⟩ per coefficient slice, τₖ re-formed piece by piece as in `_merge_cpu`;
+    the pieces' partial dot products are summed in double precision (Python floats)."""
+    p = _Pieces(base, dtype)
+    acc = [[0.0] * len(experts) for _ in sizes]
+    for group in _held_or_one_by_one(experts):
+        for lo, hi, spans in _chunks(p.n, p.step, sizes):
+            b, gc = p.base(lo, hi), g[lo:hi]
+            for k, e in group:
+                t = p.tau(e[lo:hi], b)
+                if len(spans) == 1:
+                    acc[spans[0][0]][k] += torch.dot(gc, t).item()
+                    continue
+                for s, a, z in spans:
+                    acc[s][k] += torch.dot(gc[a:z], t[a:z]).item()
+    return torch.tensor(acc, dtype=dtype)
 
 
 def _scalars(r: torch.Tensor) -> list[list[float]] | torch.Tensor:

@@ -18,7 +18,8 @@ on a tiny Llama and a tiny BERT). The price is one extra forward per block in ba
 
 The merge inside a block is `engine.merge`: τₖ is formed one expert at a time and autograd saves
 none of it (backward reloads), so a block costs its merged weights, one scratch tensor and its
-activations, whatever K.
+activations, whatever K. A streamed embedding table (an untied one; a tied one is on the Step path)
+merges only the rows its batch looks up (`_lookup`): the other rows would get no gradient.
 
 File-backed inputs (store.py; the driver's streamed mode) `attach` to the streamer: the module's
 block parameters then stay on the meta device and every block call gets its weights from the files,
@@ -416,6 +417,9 @@ class BlockStreamer:
                 with _reparametrize_module(block, self._plain(i, prefix)):
                     return orig(*args, **kwargs)
             cache = self.cache if inputs is self.inputs else None
+            # an embedding table: merge only the rows the batch looks up (the others get no gradient)
+            lookup = (type(block) is torch.nn.Embedding and block.max_norm is None and len(names) == 1
+                      and not kwargs and len(args) == 1 and engine.part_mergeable(names[0]))
 
             def loader(n: str) -> Callable[[], Entry]:
                 if cache is None:
@@ -424,6 +428,9 @@ class BlockStreamer:
 
             def run(raw: torch.Tensor, *a: Any, **kw: Any) -> Any:
                 c = engine.coefficients_of(raw)
+                if lookup:
+                    return _lookup(block, a[0], lambda n, load, numel: engine.merge_entry(n, c, load, numel),
+                                   names[0], loader(names[0]))
                 params = {n[len(prefix):]: engine.merge_entry(n, c, loader(n)) for n in names}
                 # the block's own forward, not its __call__: its hooks (HF records hidden states with
                 # forward hooks) already ran around this wrapper and must not fire twice
@@ -436,6 +443,33 @@ class BlockStreamer:
             return checkpoint(run, engine.raw, *args, use_reentrant=False, **kwargs)
 
         return forward
+
+
+def _lookup(emb: torch.nn.Embedding, ids: torch.Tensor,
+            merge: Callable[[str, Callable[[], Entry], int], torch.Tensor],
+            name: str, load: Callable[[], Entry]) -> torch.Tensor:
+    """`emb(ids)` on the merged table, merging only the looked-up rows: per element the same merge,
+    and the rows not looked up would get a zero gradient, so the coefficients' gradient is the same
+    sum without its zero terms. A streamed table was merged whole three times per task (forward,
+    recomputation, backward) for a batch's few rows."""
+    rows, inv = torch.unique(ids, return_inverse=True)
+
+    def part() -> Entry:
+        b, taus, experts = load()
+        if experts:  # each expert's table read (if lazy), its rows kept, dropped before the next
+            taus = [e.index_select(0, rows) for e in taus]
+        elif taus is not None:
+            taus = taus.index_select(1, rows)
+        return b.index_select(0, rows), taus, experts
+
+    weight = merge(name, part, rows.numel() * emb.embedding_dim)
+    pad = emb.padding_idx
+    if pad is not None:  # the padding row's place among the rows (it gets no gradient), if looked up
+        hit = (rows == pad).nonzero()
+        pad = int(hit[0, 0]) if hit.numel() else None
+    # a dense gradient for the rows (the merge's backward takes a dense one; it is the rows' size)
+    return torch.nn.functional.embedding(inv, weight.view(-1, emb.embedding_dim), pad, None,
+                                         emb.norm_type, emb.scale_grad_by_freq, False)
 
 
 def streamer_for(adapter: Any) -> BlockStreamer:
