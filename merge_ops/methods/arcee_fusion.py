@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from merge_ops.static.inputs import TensorInputs
 
 torch = lazy("torch")
+np = lazy("numpy")
 
 METHOD = MethodDef(
     "arcee_fusion", "static", "keep the expert's changes whose importance (|Δ|·row KL) is an upper outlier",
@@ -46,11 +47,19 @@ METHOD = MethodDef(
 PROB_EPS = 1e-8
 
 
-def quantile(values: torch.Tensor, q: float) -> torch.Tensor:
-    """The ⌊q·(n − 1)⌋-th smallest value (0-based), as mergekit's index into a sorted copy; a 0-d
-    tensor in the values' dtype, so the threshold arithmetic rounds as mergekit's does."""
-    i = int(q * (values.numel() - 1))
-    return torch.kthvalue(values, i + 1).values
+def quantiles(values: torch.Tensor, qs: tuple[float, ...]) -> list[torch.Tensor]:
+    """The ⌊q·(n − 1)⌋-th smallest values (0-based), as mergekit's indices into a sorted copy; 0-d
+    tensors in the values' dtype, so the threshold arithmetic rounds as mergekit's does.
+
+    On CPU one numpy sort of a copy (SIMD, values only) gives all of them ~6x faster than a torch
+    `kthvalue` each; bf16 is sorted as fp32 (exact, order-preserving) and converted back exactly."""
+    idx = [int(q * (values.numel() - 1)) for q in qs]
+    if values.device.type == "cpu" and values.dtype in (torch.float64, torch.float32, torch.float16,
+                                                        torch.bfloat16):
+        v = values.float() if values.dtype == torch.bfloat16 else values
+        ordered = np.sort(v.reshape(-1).numpy())
+        return [torch.tensor(ordered[i]).to(values.dtype) for i in idx]
+    return [torch.kthvalue(values.reshape(-1), i + 1).values for i in idx]
 
 
 def merge_tensor(x: TensorInputs) -> torch.Tensor:
@@ -81,7 +90,7 @@ def merge_tensor(x: TensorInputs) -> torch.Tensor:
         kl = (p * torch.log(p / q)).sum(-1, keepdim=True)
         torch.sub(bb, ba, out=importance[r0:r1]).abs_().mul_(kl)
     flat = importance.view(-1)
-    q1, med, q3 = (quantile(flat, q) for q in (0.25, 0.5, 0.75))
+    q1, med, q3 = quantiles(flat, (0.25, 0.5, 0.75))
     threshold = med + 1.5 * (q3 - q1)  # in the compute dtype, as mergekit
     out = torch.empty(a.shape, dtype=x.out_dtype, device=device)
     fo = out.view(rows, cols)

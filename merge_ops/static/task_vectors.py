@@ -28,7 +28,16 @@ import torch
 
 from merge_ops.static import lines
 from merge_ops.static.inputs import TensorInputs
-from merge_ops.static.kernels import block_size, buffer, ones, require_base, spans, weighted_sum, work_dtype
+from merge_ops.static.kernels import (
+    block_size,
+    buffer,
+    ones,
+    require_base,
+    spans,
+    sub_into,
+    weighted_sum,
+    work_dtype,
+)
 
 RESCALE_EPS = 1e-7  # mergekit: below this norm (before or after trimming) no rescale happens
 
@@ -87,7 +96,7 @@ def merge(x: TensorInputs, trims: Sequence[Trim | None] | None = None, consensus
             b = buffer("base", e - s, wd, device).copy_(fb[s:e])
             mag = buffer("mag", e - s, wd, device)
             for i in select:
-                trim_list[i].observe(s, torch.sub(fe[i][s:e], b, out=mag).abs_())  # type: ignore[union-attr]
+                trim_list[i].observe(s, sub_into(fe[i][s:e], b, mag).abs_())  # type: ignore[union-attr]
         for i in select:
             trim_list[i].finish(  # type: ignore[union-attr]
                 lambda idx, i=i: (fe[i][idx].to(wd) - fb[idx].to(wd)).abs_())
@@ -103,7 +112,7 @@ def merge(x: TensorInputs, trims: Sequence[Trim | None] | None = None, consensus
             b = buffer("base", e - s, wd, device).copy_(fb[s:e])
             d = buffer("d0", e - s, wd, device)
             for i in active:
-                torch.sub(fe[i][s:e], b, out=d)
+                sub_into(fe[i][s:e], b, d)
                 before[i] += torch.linalg.vector_norm(d, 1)  # block sums in wd, totals in float64
                 trim_list[i].apply(d, s)  # type: ignore[union-attr]
                 after[i] += torch.linalg.vector_norm(d, 1)
@@ -127,7 +136,7 @@ def merge(x: TensorInputs, trims: Sequence[Trim | None] | None = None, consensus
             d = buffer("d0", e - s, wd, device)
             acc = buffer("acc", e - s, wd, device)
             for i in range(n_exp):
-                torch.sub(fe[i][s:e], b, out=d)
+                sub_into(fe[i][s:e], b, d)
                 if (t := trim_list[i]) is not None:
                     t.apply(d, s)
                 if i == 0:
@@ -162,7 +171,7 @@ def _consensus_pass(fb: torch.Tensor, fe: list[torch.Tensor], fo: torch.Tensor,
         ds = []
         for i in range(n_exp):
             d = buffer(f"d{i}", L, wd, device)
-            torch.sub(fe[i][s:e], b, out=d)
+            sub_into(fe[i][s:e], b, d)
             if (t := trims[i]) is not None:
                 t.apply(d, s)
             c = coeffs[i]
