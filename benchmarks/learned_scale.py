@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/learned_scale.py --quick        # tiny + small random Llamas, K = 1,2,4,8
     .venv/bin/python benchmarks/learned_scale.py --models smollm2,302m,1b --append
-    .venv/bin/python benchmarks/learned_scale.py --steptime small:4:3:64   # step time, both engines, one process
+    .venv/bin/python benchmarks/learned_scale.py --steptime small:4:3:64   # CPU s per step, both engines, one process
 
 Every row is one AdaMerging job (layer-wise) in a fresh process (so its peak RSS is its own), on
 Llamas in bf16 (float32 compute): `tiny`/`small` (3 steps, batch 4 × 64 tokens per task), `smollm2`
@@ -194,8 +194,8 @@ def main() -> None:
 
 
 def steptime(root: Path, name: str, k: int, reps: int, tokens: int) -> dict[str, list[float]]:
-    """Step seconds of the two engines in one process, interleaved (a shared CPU's load drifts):
-    AdaMerging's entropy loss, layer-wise, batch 4 × `tokens` per task, `reps` × 3 steps each."""
+    """CPU seconds per step of the two engines in one process, interleaved (a shared CPU's load drifts):
+    AdaMerging's entropy loss, layer-wise, batch 4 × `tokens` per task, `reps` steps each after a warm-up."""
     import torch
 
     from merge_ops.learned.adapters import build_adapter
@@ -230,11 +230,20 @@ def steptime(root: Path, name: str, k: int, reps: int, tokens: int) -> dict[str,
                 s.backward(entropy_loss(ad.forward(s.params, {}, batches[t]).logits))
         return e, loss
 
+    import time
+
     engines = {m: engine(m) for m in ("in_memory", "streamed")}
+    opts = {m: torch.optim.Adam([e.raw], lr=1e-3) for m, (e, _) in engines.items()}
+    for m, (e, loss) in engines.items():  # one warm-up step each (first reads, allocator, caches)
+        fit(e, loss, steps=1, optimizer=opts[m])
+    # CPU seconds of the process per step (the prefetch thread's reads included): on a shared machine a
+    # step's wall time is mostly waiting for a core, its CPU time is not
     times: dict[str, list[float]] = {m: [] for m in engines}
     for _ in range(reps):
         for m, (e, loss) in engines.items():
-            times[m].append(round(fit(e, loss, steps=3, optimizer=torch.optim.Adam([e.raw], lr=1e-3)).step_seconds, 3))
+            c0 = time.process_time()
+            fit(e, loss, steps=1, optimizer=opts[m])
+            times[m].append(round(time.process_time() - c0, 3))
     return times
 
 

@@ -179,12 +179,16 @@ def _cache_bytes(unit_bytes: dict[str, int], unit_base: dict[str, int], budget: 
     """streaming.BlockCache's high-water mark: its slots (kept for the job), CACHED_BLOCKS + 1 of them
     or as many as the budget holds (at least one), each the biggest block's reads — θ₀ + K experts
     when the unit fits the budget, else θ₀ only (experts read one at a time) — plus one unit outside
-    the blocks that is bigger than a slot (read into fresh tensors, freed when evicted)."""
-    held = {n: u if u <= budget else unit_base[n] for n, u in unit_bytes.items()}
-    inside = [u for n, u in held.items() if blocks is None or n in blocks]
-    slot = max(inside, default=0)
+    the blocks that is bigger than a slot (its θ₀ read into fresh tensors, freed when evicted; its
+    experts are read one at a time)."""
+    def inside(n: str) -> bool:
+        return blocks is None or n in blocks
+
+    slot = max((u if u <= budget else unit_base[n] for n, u in unit_bytes.items() if inside(n)), default=0)
     slots = min(CACHED_BLOCKS + 1, max(1, int(budget // slot))) if slot else 0
-    extra = max([u for n, u in held.items() if blocks is not None and n not in blocks and u > slot], default=0)
+    # a unit outside the blocks keeps its experts only when it fits a slot (streaming.BlockStreamer._whole)
+    outside = [u if u <= min(budget, slot) else unit_base[n] for n, u in unit_bytes.items() if not inside(n)]
+    extra = max([u for u in outside if u > slot], default=0)
     return int(slots * slot + extra)
 
 
