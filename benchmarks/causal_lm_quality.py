@@ -526,7 +526,8 @@ def child(job_file: Path) -> None:
 
     def progress(stage: str, step: int, total: int | None, loss: float | None = None) -> None:
         if stage == "learn" and step and (step % 10 == 0 or step == total):
-            print(f"  [{job['tag']}] step {step}/{total} loss {loss:.4f} ({time.time() - t0:.0f}s)", flush=True)
+            shown = "" if loss is None else f" loss {loss:.4f}"  # one-shot methods report steps only
+            print(f"  [{job['tag']}] step {step}/{total}{shown} ({time.time() - t0:.0f}s)", flush=True)
 
     cal = job["spec"].get("calibration", {}).get("tasks", {})
     ctx = JobContext(spec=spec, base=ResolvedModel(str(CACHE / "base"), CACHE / "base"),
@@ -693,7 +694,17 @@ def main() -> None:
         "ada_alltok": ("AdaMerging (layer-wise), every token scored", "adamerging",
                        {"granularity": "layer", "_every_token": True}, True),
         "ada_layer_sel": ("AdaMerging (layer-wise)", "adamerging", {"granularity": "layer"}, True),
+        # one-shot methods (issue 18) at their defaults: deterministic, so one run whatever the seeds;
+        # the calibrated ones (ONE_SHOT_CAL) read every learned-calibration row (64-199), no schedule
+        "regmean": ("RegMean (α 0.95)", "regmean", {}, False),
+        "regmean_pp": ("RegMean++ (α 0.95)", "regmean_plusplus", {}, False),
+        "tsv_m": ("TSV-M (α 1)", "tsv_m", {}, False),
+        "iso_c": ("Iso-C (α 1.5)", "iso_c", {}, False),
+        "iso_cts": ("Iso-CTS (α 1.5)", "iso_cts", {}, False),
+        "stf": ("STF", "stf", {}, False),
+        "wudi": ("WUDI (Adam, 300 steps)", "wudi", {}, False),
     }
+    one_shot_cal = {"regmean", "regmean_pp"}
 
     def seeded(key: str, seed: int) -> tuple[Path, dict, str]:
         _, method, params, uses_cal = learned[key]
@@ -701,6 +712,12 @@ def main() -> None:
         files = ({d: learn[f"{d}:alltok"] for d in DOMAINS} if params.pop("_every_token", False)
                  else {d: learn[d] for d in DOMAINS})
         p = {**params, **({"steps": args.steps, "batch_size": args.batch} if uses_cal else {})}
+        if key in one_shot_cal:
+            out, info = merge(key, method, p, experts, cal=files, samples=CAL - CAL_SEARCH)
+            return out, info, key
+        if method != "dare_ties" and not uses_cal:  # data-free and deterministic
+            out, info = merge(key, method, p, experts)
+            return out, info, key
         tag = f"{key}-s{seed}" + (f"-n{args.steps}-b{args.batch}-c{args.samples}" if uses_cal
                                   else f"-l{params['lambda']}")
         out, info = merge(tag, method, p, experts, seed=seed, cal=files if uses_cal else None, samples=args.samples)
@@ -733,7 +750,8 @@ def main() -> None:
     def learned_row(key: str) -> dict:
         name = learned[key][0]
         res, infos = [], []
-        for seed in seeds:
+        once = key in one_shot_cal or (learned[key][1] != "dare_ties" and not learned[key][3])
+        for seed in seeds[:1] if once else seeds:
             if key == "em":  # stage 1 of the Expert Merging++ run
                 out, info, tag = seeded("empp", seed)
                 tag = tag.replace("empp", "em", 1)
