@@ -60,7 +60,7 @@ NO_WEIGHT = {"sce", "karcher", "nearswap", "arcee_fusion", "passthrough", "ram",
 # random masks (mergekit draws from torch's global RNG, Alloy per tensor from the spec seed): compared in
 # distribution, by the share of entries left at the base and the moments of the change, not entry by entry
 RANDOM = {"dare_ties", "della", "della_linear"}
-THREADS = "2"
+THREADS = os.environ.get("ALLOY_BENCH_THREADS", "2")  # per tool; --threads sets it (children inherit)
 
 
 def build_models(dims: dict, folder: Path, shard_size: int) -> tuple[Path, list[Path]]:
@@ -101,7 +101,8 @@ def timed(cmd: list[str]) -> tuple[float, float, float]:
     Peak RSS comes from /usr/bin/time (GNU time -f %M), not from our own wait4: Linux carries the
     high-water RSS of the forking process into a forked child's ru_maxrss, so a child forked from
     this (large, after comparisons) process would report at least our own RSS."""
-    env = {**os.environ, "OMP_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS, "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS, "ALLOY_BENCH_THREADS": THREADS,
+           "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
         t0 = time.perf_counter()
@@ -270,6 +271,7 @@ def machine() -> str:
 
 
 def main() -> None:
+    global THREADS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny models, 1 run: a smoke test")
     ap.add_argument("--runs", type=int, default=None, help="runs per tool and method (default 3, quick 1)")
@@ -280,8 +282,10 @@ def main() -> None:
     ap.add_argument("--slices", nargs="?", const="", default=None, metavar="FILTER",
                     help="slices/modules configs and mergekit's examples/ on tiny models (benchmarks/slices_cases.py); "
                          "FILTER: only configs whose name holds it")
+    ap.add_argument("--threads", default=THREADS, help="threads per tool (default 2; 1 on a shared machine)")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    THREADS = str(args.threads)
     if args.child:
         return alloy_child(*args.child)
     if not (PEERS / "bin" / "mergekit-yaml").is_file():
