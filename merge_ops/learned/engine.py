@@ -48,6 +48,7 @@ from merge_ops.learned.groups import ParamGroups
 from merge_ops.learned.store import LazyBase, LazyTaskVectors, TensorFiles, check_expert_tensor
 from merge_ops.learned.streaming import BlockStreamer, streamer_for
 from merge_ops.lora.reader import open_checkpoint
+from merge_ops.static import kernels
 
 PARAMETERISATIONS = ("clamp", "sigmoid", "none")
 
@@ -400,12 +401,8 @@ class _Pieces:
         return b if b.dtype == self.dtype else self.b[: hi - lo].copy_(b)
 
     def tau(self, e: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """e − b as `torch.sub(e, b)` computes it: a narrower stored e is widened first (exact, and
-        cheaper than the mixed-dtype kernel, which allocates a widened copy), a wider one is not."""
-        out = self.t[: e.numel()]
-        if e.dtype == self.dtype or torch.promote_types(e.dtype, self.dtype) != self.dtype:
-            return torch.sub(e, b, out=out)
-        return out.copy_(e).sub_(b)
+        """e − b as `torch.sub(e, b)` computes it (kernels.sub_into: a narrower stored e widened first)."""
+        return kernels.sub_into(e, b, self.t[: e.numel()])
 
 
 def _merge_cpu(base: torch.Tensor, experts: Sequence[torch.Tensor], sizes: Sequence[int],
