@@ -16,8 +16,9 @@ Torch-free: it reads only config.json and the safetensors headers (shapes and dt
       blocks                the BlockCache's read buffers (streaming.Slot, kept for the job): up to
                             CACHED_BLOCKS + 1, as many as CACHE_SHARE of the model's bytes holds, each the
                             biggest block's θ₀ and K experts' tensors in their stored dtype (θ₀ only
-                            when a block alone exceeds the share); a bigger unit outside the blocks
-                            (an untied head) is read into fresh tensors on top (`_cache_bytes`)
+                            when a block alone exceeds the share); a unit outside the blocks bigger
+                            than a slot (an untied head) has its θ₀ read into fresh tensors on top and
+                            its experts read one at a time (`_cache_bytes`)
       merged parameters     the biggest unit's θ(c), its weight gradients and the merge's scratch; a
                             tied embedding (held, on the Step path) 3× more: θ(c), its gradient leaf,
                             and the head's gradient waiting in backward for the lookup's (sparse) one;
@@ -174,20 +175,16 @@ def plan_memory(base_dir: Path, *, k: int, batch: int, seq_len: int, mode: str =
                       host)
 
 
-def _cache_bytes(unit_bytes: dict[str, int], unit_base: dict[str, int], budget: float,
-                 blocks: set[str] | None = None) -> int:
+def _cache_bytes(unit_bytes: dict[str, int], unit_base: dict[str, int], budget: float, blocks: set[str]) -> int:
     """streaming.BlockCache's high-water mark: its slots (kept for the job), CACHED_BLOCKS + 1 of them
     or as many as the budget holds (at least one), each the biggest block's reads — θ₀ + K experts
     when the unit fits the budget, else θ₀ only (experts read one at a time) — plus one unit outside
     the blocks that is bigger than a slot (its θ₀ read into fresh tensors, freed when evicted; its
     experts are read one at a time)."""
-    def inside(n: str) -> bool:
-        return blocks is None or n in blocks
-
-    slot = max((u if u <= budget else unit_base[n] for n, u in unit_bytes.items() if inside(n)), default=0)
+    slot = max((u if u <= budget else unit_base[n] for n, u in unit_bytes.items() if n in blocks), default=0)
     slots = min(CACHED_BLOCKS + 1, max(1, int(budget // slot))) if slot else 0
     # a unit outside the blocks keeps its experts only when it fits a slot (streaming.BlockStreamer._whole)
-    outside = [u if u <= min(budget, slot) else unit_base[n] for n, u in unit_bytes.items() if not inside(n)]
+    outside = [u if u <= min(budget, slot) else unit_base[n] for n, u in unit_bytes.items() if n not in blocks]
     extra = max([u for u in outside if u > slot], default=0)
     return int(slots * slot + extra)
 

@@ -52,12 +52,15 @@ class TensorFiles:
 
     def expert_raw(self, k: int, name: str, into: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
         """Expert k's own tensor in its stored dtype (the base's where the expert lacks it)."""
-        r = self.experts[k] if name in self.experts[k] else self.base
+        r = self._holder(k, name)
         return r.read(name, None if into is None else into(r.info(name).nbytes))
 
     def expert_nbytes(self, k: int, name: str) -> int:
-        r = self.experts[k] if name in self.experts[k] else self.base
-        return r.info(name).nbytes
+        return self._holder(k, name).info(name).nbytes
+
+    def _holder(self, k: int, name: str) -> CheckpointReader:
+        """The reader expert k's tensor `name` comes from: its own, or the base where it lacks it."""
+        return self.experts[k] if name in self.experts[k] else self.base
 
     def close(self) -> None:
         self.base.close()

@@ -13,13 +13,12 @@ from typing import TYPE_CHECKING
 
 from merge_ops.declare import MethodDef, Param
 from merge_ops.errors import SpecError
-from merge_ops.lazy import lazy
 
 if TYPE_CHECKING:
+    import torch
+
     from merge_ops.spec import MergeSpec
     from merge_ops.static.inputs import TensorInputs
-
-torch = lazy("torch")
 
 
 def check(spec: MergeSpec) -> None:
@@ -46,9 +45,4 @@ def merge_tensor(x: TensorInputs) -> torch.Tensor:
     scale = x.model_params[0].get("scale") if x.model_params else None
     if scale is None:
         return inputs[0].to(x.out_dtype, copy=True)
-    wd, t = work_dtype(x.compute_dtype), inputs[0]
-    if wd == torch.float32 and t.dtype == x.out_dtype and t.dtype in (torch.bfloat16, torch.float16):
-        # a 16-bit tensor times a scalar is computed in float32 and rounded once: the same bits as
-        # the fp32 path, in one pass instead of convert, multiply, convert
-        return torch.mul(t, float(scale))
-    return weighted_sum(inputs, [float(scale)], x.out_dtype, wd)
+    return weighted_sum(inputs, [float(scale)], x.out_dtype, work_dtype(x.compute_dtype))

@@ -101,6 +101,12 @@ def weighted_sum(tensors: Sequence[torch.Tensor], coeffs: Sequence[float | torch
     n = out.numel()
     if not terms or n == 0:
         return out.zero_()
+    t0, c0 = terms[0]
+    if (len(terms) == 1 and not isinstance(c0, torch.Tensor) and wd == torch.float32
+            and t0.dtype == out_dtype and out_dtype in (torch.bfloat16, torch.float16)):
+        # one 16-bit tensor times a scalar: torch computes it in float32 and rounds once, the bits of
+        # the blocked path below in one pass instead of convert, multiply, convert
+        return torch.mul(t0, float(c0))
     cols = n // rows
     flat_out = out.view(rows, cols)
     views = [(t.reshape(rows, cols), c.to(wd).view(rows, 1) if isinstance(c, torch.Tensor) else c)
