@@ -218,16 +218,17 @@ def steptime(root: Path, name: str, k: int, reps: int, tokens: int) -> dict[str,
         else:
             ad = build_adapter(base, torch.float32, skeleton=True)
             st = streamer_for(ad)
-            inp = open_merge_inputs(base, exps, names, resident=lambda n: not st.streamed(n), only=ad.used)
+            inp = open_merge_inputs(base, exps, names, resident=st.held, only=ad.used)
             st.attach(inp, "cpu")
         ad.bind(inp.held_base())
         e = MergeEngine(inp, ParamGroups(inp.merged_shapes(), "layer"), init=0.3)
         if mode == "streamed":
             e.stream(ad)
 
-        def loss(step, s):
-            for t in range(k):
-                s.backward(entropy_loss(ad.forward(s.params, {}, batches[t]).logits))
+        def loss(step, s):  # as AdaMerging's: tasks sharing a forward run as one (Adapter.task_groups)
+            for group in ad.task_groups([{}] * k):
+                outs = ad.forward_many(s.params, {}, [batches[t] for t in group])
+                s.backward(sum(entropy_loss(o.logits) for o in outs))
         return e, loss
 
     import time

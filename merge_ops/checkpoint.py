@@ -267,17 +267,38 @@ class CheckpointReader:
             if buffer.dtype != torch.uint8 or buffer.numel() < info.nbytes:
                 raise ValueError(f"buffer too small for {name} ({info.nbytes} bytes)")
             out = buffer[: info.nbytes].view(info.dtype).view(info.shape)
-        if info.nbytes:
-            view = memoryview(out.view(-1).view(torch.uint8).numpy())
-            fd = self._fd(info.file)
-            done = 0
-            while done < info.nbytes:
-                got = os.preadv(fd, [view[done:]], info.offset + done)
-                if got <= 0:
-                    raise CheckpointError(f"{info.file}: unexpected end of file reading {name!r}",
-                                          param=str(info.file))
-                done += got
+        self._pread(name, info, out, 0)
         return out
+
+    def ranged(self, name: str) -> bool:
+        """Whether `read_range` reads only the asked part of `name` (a plain stored tensor)."""
+        return name in self._info
+
+    def read_range(self, name: str, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements [lo, hi) of the flattened tensor, read into `out` (hi − lo contiguous elements
+        of its stored dtype): a streamed merge reads a model-sized tensor piece by piece."""
+        info = self.info(name)
+        n = 1
+        for d in info.shape:
+            n *= d
+        if not (0 <= lo <= hi <= n and out.numel() == hi - lo and out.dtype == info.dtype and out.is_contiguous()):
+            raise ValueError(f"bad range [{lo}, {hi}) of {name} ({n} elements) or output buffer")
+        self._pread(name, info, out, lo * out.element_size())
+        return out
+
+    def _pread(self, name: str, info: TensorInfo, out: torch.Tensor, skip: int) -> None:
+        nbytes = out.numel() * out.element_size()
+        if not nbytes:
+            return
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        fd = self._fd(info.file)
+        done = 0
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], info.offset + skip + done)
+            if got <= 0:
+                raise CheckpointError(f"{info.file}: unexpected end of file reading {name!r}",
+                                      param=str(info.file))
+            done += got
 
     def _fd(self, path: Path) -> int:
         # plain file descriptors: reads do not map the file, so an open shard costs no resident memory

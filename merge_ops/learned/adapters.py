@@ -20,7 +20,7 @@ outputs; otherwise padded, as given.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,7 @@ import torch
 from torch.func import functional_call
 
 from merge_ops.errors import CheckpointError, SpecError
-from merge_ops.learned.batches import Batch
+from merge_ops.learned.batches import Batch, concat
 from merge_ops.learned.layouts import CheckpointLayout
 from merge_ops.learned.packing import Packing, pack
 
@@ -128,6 +128,30 @@ class Adapter:
     def forward(self, params: dict[str, torch.Tensor], head: dict[str, torch.Tensor], batch: Batch,
                 layers: Sequence[int] = ()) -> Output:
         raise NotImplementedError
+
+    def task_groups(self, heads: Sequence[Mapping[str, torch.Tensor]]) -> list[list[int]]:
+        """Which tasks (indices into `heads`) a step runs as one forward. A causal LM whose tasks have
+        no tensors of their own scores every task's rows on one merged model: one forward over all of
+        them, so a streamed step merges each block three times per step instead of per task (the
+        merge costs per parameter: it was most of a short batch's step). Otherwise one task at a
+        time, each task's activations freed by its backward before the next forward."""
+        if self.causal and not any(heads):
+            return [list(range(len(heads)))] if heads else []
+        return [[i] for i in range(len(heads))]
+
+    def forward_many(self, params: dict[str, torch.Tensor], head: dict[str, torch.Tensor],
+                     batches: list[Batch], layers: Sequence[int] = ()) -> list[Output]:
+        """`forward` over the rows of several batches at once (a causal LM: one output row per real
+        token, in batch order), split back into one Output per batch."""
+        if len(batches) == 1:
+            return [self.forward(params, head, batches[0], layers)]
+        if not self.causal:
+            raise ValueError("forward_many splits per-token outputs: causal LMs only")
+        out = self.forward(params, head, concat(batches, self.pad_id()), layers)
+        sizes = [int(b.attention_mask.sum()) for b in batches]
+        hidden = [h.split(sizes) for h in out.hidden] if out.hidden else None
+        return [Output(x, tuple(h[i] for h in hidden) if hidden else None)
+                for i, x in enumerate(out.logits.split(sizes))]
 
     def pad_id(self) -> int:
         pid = getattr(self.module.config, "pad_token_id", None)

@@ -137,6 +137,25 @@ def collate(samples: list[list[int]], pad_id: int = 0) -> Batch:
     return Batch(ids, mask, loss)
 
 
+def concat(batches: list[Batch], pad_id: int = 0) -> Batch:
+    """The rows of several batches as one (right-padded to the longest), in order: a causal LM scores
+    them in one forward (`Adapter.forward_many`). A batch without a loss mask scores every real position."""
+    if len(batches) == 1:
+        return batches[0]
+    n = max(b.input_ids.shape[1] for b in batches)
+
+    def pad(t: torch.Tensor, value: int | bool) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, n - t.shape[1]), value=value)
+
+    ids = torch.cat([pad(b.input_ids, pad_id) for b in batches])
+    mask = torch.cat([pad(b.attention_mask, 0) for b in batches])
+    loss = None
+    if any(b.loss_mask is not None for b in batches):
+        loss = torch.cat([pad(b.attention_mask.bool() if b.loss_mask is None else b.loss_mask, False)
+                          for b in batches])
+    return Batch(ids, mask, loss)
+
+
 class IndexSampler:
     """Per task, a seeded stream of sample indices: shuffle, walk through, reshuffle when exhausted."""
 

@@ -135,7 +135,7 @@ def _run(ctx: JobContext, method: ModuleType) -> MethodResult:
     if streamed:  # block tensors and task vectors stay in the files (store.py), read per block
         streamer = streamer_for(adapter)
         inputs = open_merge_inputs(ctx.base, ctx.experts, names,
-                                   resident=lambda n: not streamer.streamed(n), task_specific=spec.task_specific,
+                                   resident=streamer.held, task_specific=spec.task_specific,
                                    dtype=dtype, device=ctx.device, only=only)
         streamer.attach(inputs, ctx.device)
     else:
@@ -181,7 +181,7 @@ def job_plan(ctx: JobContext, params: dict[str, Any], mode: str, learns: Any = N
     teacher = (cal.samples_per_task or 0) * k if cal and spec.method == "expert_merging" else 0
     return plan_mod.plan_memory(ctx.base.path, k=k, batch=int(params.get("batch_size", 1)),
                                 seq_len=cal.max_length if cal else 64, mode=mode, compute_dtype=spec.dtype,
-                                learned=learns, teacher_samples=teacher,
+                                learned=learns, teacher_samples=teacher, task_specific=bool(spec.task_specific),
                                 device=str(torch.device(ctx.device).type))
 
 
@@ -225,7 +225,7 @@ def _metrics(s: Session, engine: MergeEngine, learn_peak: dict[str, float]) -> d
         "n_constant_tensors": len(inputs.constant),
         "coefficient_mean": {n: round(float(coeffs[:, k].mean()), 4) if coeffs.numel() else None
                              for k, n in enumerate(s.names)},
-        # held in memory (streamed, file-backed inputs hold no τ and only a tied embedding of θ₀)
+        # held in memory (streamed, file-backed inputs hold no τ and no θ₀)
         "base_mib": inputs.resident_mib()[0], "task_vectors_mib": inputs.resident_mib()[1],
         # memory: the job's peak, and learning's own (the peak mark is reset when learning starts)
         "peak_rss_mib": round(max(learning.get("setup_peak", 0.0), learn_peak["peak_rss_mib"]), 1),

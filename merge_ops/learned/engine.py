@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -371,15 +372,16 @@ def _chunks(n: int, step: int, sizes: Sequence[int]) -> Iterator[tuple[int, int,
         yield lo, hi, spans
 
 
-def _held_or_one_by_one(experts: Sequence[torch.Tensor]) -> Iterator[list[tuple[int, torch.Tensor]]]:
+def _held_or_one_by_one(experts: Sequence[torch.Tensor]) -> Iterator[list[tuple[int, Any]]]:
     """[(k, eₖ flattened)] groups: all K at once when they are held (a list: each piece of θ₀ is
     widened once, and the output piece stays in cache across the K), one at a time when each is read
-    from its file on access (ExpertTensors: one expert's tensor in memory at a time)."""
+    from its file on access (ExpertTensors: read piece by piece as it is sliced, `RangedTensor`; whole
+    reads held two experts at once, two embeddings at a tied embedding's merge)."""
     if isinstance(experts, list | tuple):
         yield [(k, e.reshape(-1)) for k, e in enumerate(experts)]
     else:
-        for k, e in enumerate(experts):
-            yield [(k, e.reshape(-1))]
+        for k in range(len(experts)):
+            yield [(k, experts.flat(k))]  # type: ignore[attr-defined]
 
 
 class _Pieces:

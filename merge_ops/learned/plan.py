@@ -6,23 +6,25 @@ Torch-free: it reads only config.json and the safetensors headers (shapes and dt
       base θ₀               every floating tensor
       task vectors          K × the merged tensors
       merged parameters     θ(c) for every merged tensor, plus its gradient leaf (Step)
-      activations           one task's forward/backward at a time, every block's internals, plus
-                            the logits and their softmax in fp32
+      activations           one forward/backward at a time — one task's, or every task's batch at
+                            once for a causal LM whose tasks have no tensors of their own
+                            (Adapter.task_groups) — every block's internals, plus the logits and
+                            their softmax in fp32
       (the checkpoints are read with preadv, not mapped: their pages are not in the RSS)
     streamed (store.open_merge_inputs + streaming.BlockCache: the files are the store)
-      base θ₀               none held (a tied embedding excepted): every tensor belongs to a
-                            streamed unit — a block, or a module outside them (embeddings, norm, head)
+      base θ₀               none held: every tensor belongs to a streamed unit — a block, or a module
+                            outside them (embeddings, norm, head) — or is a tied embedding, merged
+                            once per step from the files (its pieces read as they are merged)
       task vectors          none held: τ is formed from the files per unit
       blocks                the BlockCache's read buffers (streaming.Slot, kept for the job): up to
                             CACHED_BLOCKS + 1, as many as CACHE_SHARE of the model's bytes holds, each the
                             biggest block's θ₀ and K experts' tensors in their stored dtype (θ₀ only
                             when a block alone exceeds the share); a unit outside the blocks bigger
                             than a slot (an untied head) has its θ₀ read into fresh tensors on top and
-                            its experts read one at a time (`_cache_bytes`)
+                            its experts read piece by piece (`_cache_bytes`)
       merged parameters     the biggest unit's θ(c), its weight gradients and the merge's scratch; a
-                            tied embedding (held, on the Step path) 3× more: θ(c), its gradient leaf,
-                            and the head's gradient waiting in backward for the lookup's (sparse) one;
-                            4× from K = 2 (their sum, formed out of place, before it joins the leaf's)
+                            tied embedding (on the Step path) 2× more: its θ(c) and the leaf's gradient,
+                            into which each task's head and lookup gradients are added in place
       activations           the block boundaries (checkpointing), one block's internals, logits
     both
       teacher cache         Expert Merging: on disk (teacher_cache.RowFile) in fp16, reported but
@@ -105,9 +107,10 @@ def _block_index(name: str) -> int | None:
 
 def plan_memory(base_dir: Path, *, k: int, batch: int, seq_len: int, mode: str = "streamed",
                 compute_dtype: str = "float32", learned: Any = None, teacher_samples: int = 0,
-                device: str = "cpu") -> MemoryPlan:
+                device: str = "cpu", task_specific: bool = False) -> MemoryPlan:
     """Predict the learning stage's peak memory. `learned(name) -> bool` restricts the merged tensors
-    (as the method's `learns`); `teacher_samples` > 0 adds an Expert Merging teacher cache."""
+    (as the method's `learns`); `teacher_samples` > 0 adds an Expert Merging teacher cache;
+    `task_specific`: the tasks have tensors of their own (one forward per task)."""
     cfg = json.loads((Path(base_dir) / "config.json").read_text())
     tensors = {n: v for n, v in safetensors_tensors(base_dir).items() if v[1].startswith(("F", "BF"))}
     cb = BYTES[compute_dtype]
@@ -121,13 +124,13 @@ def plan_memory(base_dir: Path, *, k: int, batch: int, seq_len: int, mode: str =
     unit_blocks: set[str] = set()  # the units that are transformer blocks
     biggest_unit = 0  # merged elements of the biggest unit (a block, or an outside tensor)
     tied = bool(cfg.get("tie_word_embeddings", False))
-    held_outside = 0  # a tied embedding stays resident on the Step path
+    tied_emb = 0  # a tied embedding is learned on the Step path (streaming.py)
     for n, (shape, dt) in tensors.items():
         b = _block_index(n)
         e = _numel(shape)
         unit = str(b) if b is not None else n.rsplit(".", 1)[0]
         if b is None and tied and "embed" in n:
-            held_outside += e
+            tied_emb += e
             continue
         if b is not None:
             unit_blocks.add(unit)
@@ -144,7 +147,8 @@ def plan_memory(base_dir: Path, *, k: int, batch: int, seq_len: int, mode: str =
     layers = int(cfg.get("num_hidden_layers", len(per_block)) or len(per_block))
     heads = int(cfg.get("num_attention_heads", 1) or 1)
     vocab = int(cfg.get("vocab_size", 0) or 0)
-    tokens = batch * seq_len
+    causal = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in cfg.get("architectures") or [])
+    tokens = batch * seq_len * (k if causal and not task_specific else 1)  # one forward's tokens
     # one block's saved tensors for backward: ~12 H-wide states, 3 intermediate-wide (gated MLP),
     # attention probabilities heads × T per token
     block_act = tokens * (12 * h + 3 * inter + 2 * heads * seq_len) * cb
@@ -158,14 +162,13 @@ def plan_memory(base_dir: Path, *, k: int, batch: int, seq_len: int, mode: str =
         act = layers * block_act + logits + teacher_batch
         device_b = base + tv + merged_b + act
     else:
-        base = held_outside * cb
+        base = 0
         tv = 0
         blocks = _cache_bytes(unit_bytes, unit_base, CACHE_SHARE * model, unit_blocks)
-        # a unit's θ(c), its weight gradients and the merge's scratch tensor; a tied embedding's θ(c),
-        # gradient leaf and the head's gradient held until the lookup's arrives, and from the second
-        # task on the sum of the two (formed out of place before it is added to the leaf's): measured
-        # at backward's peak on SmolLM2-135M (K = 1 → 2: +1 embedding beyond the cache's growth)
-        merged_b = (3 * biggest_unit + (3 + min(k - 1, 1)) * held_outside) * cb
+        # a unit's θ(c), its weight gradients and the merge's scratch tensor; a tied embedding's θ(c)
+        # and the gradient its tasks add into (at a step's ends θ₀ read whole for the merge replaces
+        # one of them; its experts are read piece by piece)
+        merged_b = (3 * biggest_unit + 2 * tied_emb) * cb
         act = (layers + 1) * tokens * h * cb + block_act + logits + teacher_batch
         device_b = base + blocks + merged_b + act
     mib = 2**20
@@ -178,9 +181,9 @@ def plan_memory(base_dir: Path, *, k: int, batch: int, seq_len: int, mode: str =
 def _cache_bytes(unit_bytes: dict[str, int], unit_base: dict[str, int], budget: float, blocks: set[str]) -> int:
     """streaming.BlockCache's high-water mark: its slots (kept for the job), CACHED_BLOCKS + 1 of them
     or as many as the budget holds (at least one), each the biggest block's reads — θ₀ + K experts
-    when the unit fits the budget, else θ₀ only (experts read one at a time) — plus one unit outside
+    when the unit fits the budget, else θ₀ only (experts read piece by piece) — plus one unit outside
     the blocks that is bigger than a slot (its θ₀ read into fresh tensors, freed when evicted; its
-    experts are read one at a time)."""
+    experts are read piece by piece)."""
     slot = max((u if u <= budget else unit_base[n] for n, u in unit_bytes.items() if n in blocks), default=0)
     slots = min(CACHED_BLOCKS + 1, max(1, int(budget // slot))) if slot else 0
     # a unit outside the blocks keeps its experts only when it fits a slot (streaming.BlockStreamer._whole)

@@ -135,6 +135,28 @@ class ExpertTensors(Sequence):
     def __len__(self) -> int:
         return len(self.files.experts)
 
+    def flat(self, k: int) -> torch.Tensor | RangedTensor:
+        """Expert k's tensor flattened: read piece by piece on slicing where the file allows it,
+        else read whole (an adapter-applied LoRA tensor)."""
+        r = self.files._holder(k, self.name)
+        return RangedTensor(r, self.name) if r.ranged(self.name) else self[k].reshape(-1)
+
+
+class RangedTensor:
+    """A stored tensor as a flat sequence whose slices `t[lo:hi]` are read from its file into one
+    reused buffer: a slice is valid until the next one is taken."""
+
+    def __init__(self, reader: CheckpointReader, name: str):
+        self.reader, self.name = reader, name
+        self.dtype = reader.dtype(name)
+        self.buf = torch.empty(0, dtype=self.dtype)
+
+    def __getitem__(self, sl: slice) -> torch.Tensor:
+        n = sl.stop - sl.start
+        if self.buf.numel() < n:
+            self.buf = torch.empty(n, dtype=self.dtype)
+        return self.reader.read_range(self.name, sl.start, sl.stop, self.buf[:n])
+
 
 class LazyTaskVectors(MutableMapping):
     """τ stacks by name, formed on access from the files (nothing stored but shapes)."""

@@ -21,6 +21,13 @@ none of it (backward reloads), so a block costs its merged weights, one scratch 
 activations, whatever K. A streamed embedding table (an untied one; a tied one is on the Step path)
 merges only the rows its batch looks up (`_lookup`): the other rows would get no gradient.
 
+A tied embedding (SmolLM2, GPT-2) is one tensor used twice, by the lookup and by the head, so it
+stays on the Step path: merged once per step, its θ(c) leaf shared by every task. Attached, it is
+not held either (θ₀ and the experts are read from the files inside that merge and its backward),
+its lookup's gradient is sparse (the batch's rows), and the head's weight gradient is added into
+the leaf's gradient in place (`_TiedHead`): autograd would form each task's model-sized gradient
+and their sum before accumulating them. At backward's peak it costs its θ(c) and the gradient.
+
 File-backed inputs (store.py; the driver's streamed mode) `attach` to the streamer: the module's
 block parameters then stay on the meta device and every block call gets its weights from the files,
 through a `BlockCache` — a few blocks (θ₀ and the K experts' tensors, in their stored dtype) held
@@ -270,10 +277,19 @@ class BlockStreamer:
         self._last_engine: MergeEngine | None = None
         for i, (prefix, block, _) in enumerate(self.units):
             block.forward = self._wrap(i, prefix, block, block.forward)
+        self.tied = _tied_pair(module)  # (name, lookup, head) of a tied embedding, else None
+        if self.tied is not None:
+            for m in self.tied[1:]:
+                m.forward = self._wrap_tied(m, m.forward)
 
     def streamed(self, name: str) -> bool:
         """Whether tensor `name` is merged inside its unit's forward (not on the Step path)."""
         return name in self._outside or any(name.startswith(p) for p, _ in self.blocks)
+
+    def held(self, name: str) -> bool:
+        """Whether file-backed inputs hold base tensor `name` in memory: neither a streamed unit's
+        nor a tied embedding's (read from the files by the Step's merge)."""
+        return not self.streamed(name) and (self.tied is None or name != self.tied[0])
 
     def attach(self, inputs: MergeInputs, device: str | torch.device) -> BlockStreamer:
         """Serve every block's weights from file-backed `inputs` (the module holds none of them)."""
@@ -292,19 +308,10 @@ class BlockStreamer:
         slots = int(min(CACHED_BLOCKS + 1, max(1, budget // max(self.slot_bytes, 1))))
         self.cache = BlockCache(self._load_block, len(self.units), budget=budget, size=self._unit_bytes,
                                 slots=slots)
-        self._tied_sparse()
+        if self.tied is not None and self.tied[0] in inputs.task_vectors:
+            # the lookup's gradient: the batch's rows (sparse), added into the leaf's dense one in place
+            self.tied[1].sparse = True
         return self
-
-    def _tied_sparse(self) -> None:
-        """A tied input embedding stays on the Step path (its leaf accumulates the head's and the
-        lookup's gradients over the tasks): its lookup gives a sparse gradient (the batch's rows)
-        instead of a dense model-sized one (−1 embedding at backward's peak). Same values."""
-        emb = self.module.get_input_embeddings() if hasattr(self.module, "get_input_embeddings") else None
-        if isinstance(emb, torch.nn.Embedding):
-            name = next(f"{n}.weight" if n else "weight" for n, m in self.module.named_modules() if m is emb)
-            assert self.inputs is not None
-            if name in self.inputs.task_vectors and not self.streamed(name):
-                emb.sparse = True
 
     def _read_sizes(self, i: int, budget: float) -> list[int]:
         """Bytes of each tensor unit i reads from the files: θ₀'s (not held), and the K experts'
@@ -408,6 +415,31 @@ class BlockStreamer:
             out[n[len(prefix):]] = t.to(device=self.device, dtype=dtype)
         return out
 
+    def _wrap_tied(self, m: torch.nn.Module, orig: Any) -> Any:
+        """The tied embedding's lookup or head. Attached and outside a step, its weight is read from
+        the files (θ₀, or the teacher's) when nothing bound it; in a learning step the head adds its
+        weight gradient into the Step leaf's in place."""
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            w = m.weight
+            if self.inputs is None:
+                return orig(*args, **kwargs)
+            if w.is_meta:
+                with torch.no_grad(), _reparametrize_module(m, {"weight": self._tied_plain()}):
+                    return orig(*args, **kwargs)
+            if (m is self.tied[2] and w.requires_grad and torch.is_grad_enabled()  # type: ignore[index]
+                    and len(args) == 1 and not kwargs):
+                return _TiedHead.apply(args[0], w)
+            return orig(*args, **kwargs)
+
+        return forward
+
+    def _tied_plain(self) -> torch.Tensor:
+        inputs = self.inputs
+        assert inputs is not None and inputs.files is not None and self.tied is not None
+        n = self.tied[0]
+        t = inputs.files.expert_raw(self._teacher, n) if self._teacher is not None else inputs.base.raw(n)  # type: ignore[attr-defined]
+        return t.to(device=self.device, dtype=inputs.base.dtype)  # type: ignore[attr-defined]
+
     def _wrap(self, i: int, prefix: str, block: torch.nn.Module, orig: Any) -> Any:
         def forward(*args: Any, **kwargs: Any) -> Any:
             engine = self.engine if self.active else None
@@ -451,6 +483,42 @@ class BlockStreamer:
             return checkpoint(run, engine.raw, *args, use_reentrant=False, **kwargs)
 
         return forward
+
+
+def _tied_pair(module: torch.nn.Module) -> tuple[str, torch.nn.Embedding, torch.nn.Linear] | None:
+    """(weight name, lookup, head) when the module's output layer is a bias-free Linear sharing its
+    input embedding's weight (HF's tie_word_embeddings), else None."""
+    get_in, get_out = getattr(module, "get_input_embeddings", None), getattr(module, "get_output_embeddings", None)
+    emb, head = (get_in() if get_in else None), (get_out() if get_out else None)
+    if not (isinstance(emb, torch.nn.Embedding) and type(head) is torch.nn.Linear and head.bias is None
+            and head.weight is emb.weight):
+        return None
+    name = next(f"{n}.weight" if n else "weight" for n, m in module.named_modules() if m is emb)
+    return name, emb, head
+
+
+class _TiedHead(torch.autograd.Function):
+    """logits = h·Wᵀ for a tied head whose W is a Step leaf: backward returns dh and adds gᵀ·h into
+    W.grad in place (no per-task model-sized gradient, no out-of-place sum). Same values."""
+
+    @staticmethod
+    def forward(ctx, h, w):  # type: ignore[override]
+        ctx.save_for_backward(h)
+        ctx.w = w
+        return torch.nn.functional.linear(h, w)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        (h,) = ctx.saved_tensors
+        w = ctx.w
+        g2, h2 = g.reshape(-1, g.shape[-1]), h.reshape(-1, h.shape[-1]).to(g.dtype)
+        if w.grad is None:
+            w.grad = (g2.t() @ h2).to(w.dtype)
+        elif w.grad.is_sparse:  # the lookup's came first (not HF's order): make it the dense sum
+            w.grad = torch.addmm(w.grad.to_dense(), g2.t(), h2)
+        else:
+            w.grad.addmm_(g2.t(), h2)
+        return (g @ w if ctx.needs_input_grad[0] else None), None
 
 
 def _lookup(emb: torch.nn.Embedding, ids: torch.Tensor,

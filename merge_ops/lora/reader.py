@@ -202,6 +202,10 @@ class LoraReader(CheckpointReader):
             _add_delta(out, delta, self._adapter)
         return out
 
+    def ranged(self, name: str) -> bool:
+        """A tensor the adapter changes is formed whole (base + scale·B·A): no ranged reads."""
+        return super().ranged(name) and name not in self.plan.replaced and name not in self.plan.deltas
+
     def close(self) -> None:
         super().close()
         adapter = getattr(self, "_adapter", None)

@@ -106,20 +106,27 @@ def learn(s: Session) -> Trained:
     window = max(1, steps // 10)
     counts = {n: torch.zeros(0) for n in names}
 
+    heads = [inputs.heads[t] for t in names]
+
     def loss_fn(step: int, st: Step) -> None:
-        for k, task in enumerate(names):
-            batch = sampler.next(task)  # drawn on every rank: the batch streams stay those of one process
-            if not st.owns(k):
+        # drawn on every rank, in task order: the batch streams stay those of one process
+        drawn = [sampler.next(task).to(s.device) for task in names]
+        for group in s.adapter.task_groups(heads):  # tasks sharing one forward (adapters.py)
+            mine = [k for k in group if st.owns(k)]
+            if not mine:
                 continue
-            batch = batch.to(s.device)
-            logits = s.adapter.forward(st.params, inputs.heads[task], batch).logits
-            scored = batch.scored() if s.adapter.causal else None
-            if scored is not None:  # prompt-completion rows: the completion's predictions only
-                logits = logits[scored]
-            st.backward(entropy_loss(logits, normalize=normalize, diversity=diversity))
-            if step >= steps - window:  # collapse monitor over the last tenth of the steps
-                c = torch.bincount(logits.detach().argmax(-1).cpu(), minlength=logits.shape[-1]).float()
-                counts[task] = c if counts[task].numel() == 0 else counts[task] + c
+            outs = s.adapter.forward_many(st.params, heads[mine[0]], [drawn[k] for k in mine])
+            terms = []
+            for k, out in zip(mine, outs, strict=True):
+                logits = out.logits
+                scored = drawn[k].scored() if s.adapter.causal else None
+                if scored is not None:  # prompt-completion rows: the completion's predictions only
+                    logits = logits[scored]
+                terms.append(entropy_loss(logits, normalize=normalize, diversity=diversity))
+                if step >= steps - window:  # collapse monitor over the last tenth of the steps
+                    c = torch.bincount(logits.detach().argmax(-1).cpu(), minlength=logits.shape[-1]).float()
+                    counts[names[k]] = c if counts[names[k]].numel() == 0 else counts[names[k]] + c
+            st.backward(sum(terms))  # type: ignore[arg-type]
 
     opt = torch.optim.Adam(engine.parameters(), lr=float(p["lr"]), betas=(0.9, 0.999), weight_decay=0.0)
     s.fit(engine, loss_fn, steps=steps, optimizer=opt)

@@ -206,9 +206,9 @@ def regulariser(coeffs: torch.Tensor, alpha0: torch.Tensor) -> torch.Tensor:
 
 class Objective:
     """The per-step loss in the engine's two-phase form (`fit` passes a `Step`): one batch per task
-    against the merged weights `s.params`, each task's term backpropagated at once so only one task's
-    activations are alive (peak memory does not grow with the number of experts), then γ·R on the
-    table. The step's loss is the sum of the terms (`s.total`)."""
+    against the merged weights `s.params`, each forward's terms backpropagated at once — one task's,
+    or a causal LM's tasks together where they share one forward (`Adapter.task_groups`) — then γ·R
+    on the table. The step's loss is the sum of the terms (`s.total`)."""
 
     def __init__(self, engine: MergeEngine, adapter: Adapter, cache: TeacherCache, sampler: IndexSampler, *,
                  alpha0: torch.Tensor, beta: Sequence[float], temperature: float, hidden_weight: float,
@@ -221,30 +221,39 @@ class Objective:
         self.hidden_scale = hidden_scale or {}
         self.last: dict[str, float] = {}
 
-    def align(self, params: dict[str, torch.Tensor], task: str, idx: Sequence[int]
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One task's (logit, hidden) alignment loss on samples `idx` under merged `params`."""
-        batch, tgt = self.cache.batch(task, idx, self.device)
-        out = self.adapter.forward(params, self.engine.inputs.heads.get(task, {}), batch, layers=self.cache.layers)
-        scored = batch.scored() if self.adapter.causal else None
-        if scored is not None:  # the cache holds the teacher's logits at these positions only
-            out = dataclasses.replace(out, logits=out.logits[scored])
-        return alignment_loss(out, tgt, temperature=self.temperature, hidden_weight=self.hidden_weight,
-                              hidden_scale=self.hidden_scale.get(task))
+    def align(self, params: dict[str, torch.Tensor], tasks: Sequence[str], idx: Sequence[Sequence[int]]
+              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each task's (logit, hidden) alignment loss on its samples `idx` under merged `params`,
+        from one forward over them all (the tasks of one `Adapter.task_groups` group)."""
+        got = [self.cache.batch(t, ix, self.device) for t, ix in zip(tasks, idx, strict=True)]
+        head = self.engine.inputs.heads.get(tasks[0], {})
+        outs = self.adapter.forward_many(params, head, [b for b, _ in got], layers=self.cache.layers)
+        losses = []
+        for t, (batch, tgt), out in zip(tasks, got, outs, strict=True):
+            scored = batch.scored() if self.adapter.causal else None
+            if scored is not None:  # the cache holds the teacher's logits at these positions only
+                out = dataclasses.replace(out, logits=out.logits[scored])
+            losses.append(alignment_loss(out, tgt, temperature=self.temperature, hidden_weight=self.hidden_weight,
+                                         hidden_scale=self.hidden_scale.get(t)))
+        return losses
 
     def __call__(self, step: int, s: Step) -> None:
         e = self.engine
         experts = e.inputs.experts
         parts = {"logit": 0.0, "hidden": 0.0}
-        for k, task in enumerate(experts):
-            idx = self.sampler.next(task)  # drawn on every rank: the streams stay those of one process
-            if not s.owns(k):
+        # drawn on every rank, in task order: the streams stay those of one process
+        idx = [self.sampler.next(task) for task in experts]
+        for group in self.adapter.task_groups([e.inputs.heads.get(t, {}) for t in experts]):
+            mine = [k for k in group if s.owns(k)]
+            if not mine:
                 continue
-            lg, hd = self.align(s.params, task, idx)
-            s.backward(self.beta[k] * (lg + hd) / len(experts))
-            parts["logit"] += float(lg.detach()) / len(experts)
-            parts["hidden"] += float(hd.detach()) / len(experts)
-            del lg, hd
+            losses = self.align(s.params, [experts[k] for k in mine], [idx[k] for k in mine])
+            s.backward(sum(self.beta[k] * (lg + hd) for k, (lg, hd) in zip(mine, losses, strict=True))
+                       / len(experts))
+            for lg, hd in losses:
+                parts["logit"] += float(lg.detach()) / len(experts)
+                parts["hidden"] += float(hd.detach()) / len(experts)
+            del losses
         reg = regulariser(e.coefficients(), self.alpha0)
         self.last = {**parts, "reg": float(reg.detach())}
         if s.lead:

@@ -88,11 +88,10 @@ def test_streamed_plan_counts_the_cache_slots_and_a_tied_embedding(tmp_path):
     for k, slots, tensors in [(1, 3, 2), (2, 3, 3), (4, 1, 5), (64, 3, 1)]:
         p = plan_memory(base, k=k, batch=1, seq_len=8)
         assert p.blocks_mib == pytest.approx(slots * tensors * 4 * per_block / mib, abs=0.01)
-        # held θ₀ of the tied embedding; its θ(c), leaf gradient and the head's waiting gradient (+ their
-        # sum from the second task on), and one block's θ(c), gradients and scratch
-        assert p.base_mib == pytest.approx(4 * emb / mib, abs=0.01)
-        extra = 3 + (1 if k > 1 else 0)
-        assert p.merged_mib == pytest.approx(4 * (3 * per_block + extra * emb) / mib, abs=0.01)
+        # no θ₀ held; the tied embedding's θ(c) and the gradient its tasks add into, and one block's θ(c),
+        # gradients and scratch
+        assert p.base_mib == 0
+        assert p.merged_mib == pytest.approx(4 * (3 * per_block + 2 * emb) / mib, abs=0.01)
     # in memory: no term for the input files' pages (they are read with preadv, never mapped)
     m = plan_memory(base, k=2, batch=1, seq_len=8, mode="in_memory")
     terms = m.base_mib + m.task_vectors_mib + m.merged_mib + m.activations_mib

@@ -397,3 +397,33 @@ def test_hub_model_plus_hub_adapter_resolve_pinned_and_refuse_pickles(hub_server
                                     "adapter_model.bin": b"\x80\x04not read"})
     with pytest.raises(CheckpointError, match="never unpickles"):
         resolve("org/base+org/pickled", **kw)
+
+
+def test_ranged_reads_equal_slices_and_adapter_tensors_are_read_whole(tmp_path):
+    """A streamed merge reads a plain stored tensor piece by piece (`read_range`, `RangedTensor`); a
+    tensor an adapter changes is formed whole (base + scale·B·A), so it is not ranged."""
+    from merge_ops.learned.store import ExpertTensors, RangedTensor, TensorFiles
+
+    base = write_llama(tmp_path / "base", **DIMS, dtype=torch.bfloat16)
+    ad = llama_adapter(tmp_path / "ad")
+    q, emb = "model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"
+    with CheckpointReader(base) as b, LoraReader(base, ad) as r:
+        flat = b.read(emb).view(-1)
+        for lo, hi in [(0, 7), (5, 300), (flat.numel() - 3, flat.numel()), (4, 4)]:
+            got = b.read_range(emb, lo, hi, torch.empty(hi - lo, dtype=torch.bfloat16))
+            assert torch.equal(got, flat[lo:hi])
+        with pytest.raises(ValueError):
+            b.read_range(emb, 0, 4, torch.empty(4, dtype=torch.float32))  # not the stored dtype
+        assert b.ranged(q) and r.ranged(emb) and not r.ranged(q)
+    files = TensorFiles(base, [base, base], ["lora", "plain"])
+    files.experts[0].close()
+    files.experts[0] = LoraReader(base, ad)  # as open_checkpoint gives for `base+adapter`
+    try:
+        lora, plain = ExpertTensors(files, q).flat(0), ExpertTensors(files, q).flat(1)
+        assert not isinstance(lora, RangedTensor) and isinstance(plain, RangedTensor)
+        with LoraReader(base, ad) as r:
+            assert torch.equal(lora, r.read(q).view(-1))
+        with CheckpointReader(base) as b:
+            assert torch.equal(plain[3:40], b.read(q).view(-1)[3:40])
+    finally:
+        files.close()
