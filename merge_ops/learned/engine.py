@@ -309,7 +309,7 @@ class _Merge(torch.autograd.Function):
 
     On CPU, file-backed entries go through `_merge_cpu` / `_grad_cpu`: the same arithmetic in
     cache-sized pieces, with no full-size temporary but the result (the streamed step merges each
-    unit three times per task, so its passes over memory and page faults were most of its time)."""
+    unit three times per forward, so its passes over memory and page faults were most of its time)."""
 
     @staticmethod
     def forward(ctx, rows, load, sizes, dtype):  # type: ignore[override]
@@ -505,8 +505,8 @@ class Step:
     """One optimisation step's parameters, for losses made of several terms (one per task).
 
     `params` are the merged tensors as detached leaves: each term's `backward(term)` runs the model's
-    backward and frees that term's activations at once (peak memory = one task's graph, not all of
-    them), accumulating dL/dθ in the leaves; `finish()` then pushes dL/dθ through the merge into the
+    backward and frees that term's activations at once (peak memory = one forward's graph — one task's,
+    or the tasks sharing a forward (Adapter.task_groups) — not all of them), accumulating dL/dθ in the leaves; `finish()` then pushes dL/dθ through the merge into the
     coefficients in one pass, instead of re-walking the merge graph once per term. A term may also
     depend on `engine.coefficients()` directly (a regulariser): its gradient goes straight there."""
 

@@ -147,3 +147,23 @@ def test_entropy_loss_formula_and_collapse_guard():
     varied = torch.tensor([[9.0, 0.0], [0.0, 9.0]] * 2)
     assert entropy_loss(collapsed, diversity=1.0) > entropy_loss(varied, diversity=1.0)
     assert entropy_loss(collapsed, diversity=0.0) == pytest.approx(float(entropy_loss(varied, diversity=0.0)))
+
+
+def test_entropy_gradient_over_a_vocabulary_equals_the_float64_formula(monkeypatch):
+    """The row-blocked entropy (it saves only the logits) against autograd on the formula in float64,
+    with several row blocks over a 3000-token vocabulary."""
+    from merge_ops.methods import adamerging
+
+    monkeypatch.setattr(adamerging._MeanEntropy, "ROWS_BYTES", 5 * 4 * 3000)  # 5 rows per block
+    z = 4 * torch.randn(23, 3000, generator=torch.Generator().manual_seed(1))
+    z64 = z.double().requires_grad_(True)
+    p = z64.softmax(-1)
+    want = -(p * p.log()).sum(-1).mean() / math.log(3000)
+    (g_want,) = torch.autograd.grad(want, z64)
+    zz = z.clone().requires_grad_(True)
+    got = entropy_loss(zz)
+    (g_got,) = torch.autograd.grad(got, zz)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+    assert g_want.abs().max() > 1e-6
+    torch.testing.assert_close(g_got.double(), g_want, rtol=0, atol=2e-8)
+    assert torch.isnan(entropy_loss(torch.zeros(0, 5)))  # no scored rows: NaN (the step fails with a message)
