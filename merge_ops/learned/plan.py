@@ -49,7 +49,7 @@ RUNTIME_MIB = 420.0  # resident size of a worker after importing torch + transfo
 BLOCK_WORDS = ("layers", "layer", "h", "blocks")
 CACHED_BLOCKS = 2  # streaming.CACHED_BLOCKS (this module stays torch-free)
 CACHE_BYTES = 2  # teacher rows are stored in float16
-CACHE_SHARE = 0.5  # streaming.CACHE_SHARE: the block cache's budget, a share of the model's bytes
+CACHE_SHARE = 0.4  # streaming.CACHE_SHARE: the block cache's budget, a share of the model's bytes
 
 
 @dataclass

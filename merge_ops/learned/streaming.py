@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 _DIGITS = re.compile(r"^\d+$")
 CACHED_BLOCKS = 2  # ready blocks kept on the device (plus one being prefetched)
 MMAP_THRESHOLD = 1 << 20  # host allocations from this size are mapped on their own (release_freed_memory)
-CACHE_SHARE = 0.5  # their bytes: at most this share of the model's stored bytes (ALLOY_STREAM_CACHE_MB)
+CACHE_SHARE = 0.4  # their bytes: at most this share of the model's stored bytes (ALLOY_STREAM_CACHE_MB)
 
 Entry = tuple[torch.Tensor, Any, bool]  # MergeInputs.entry: (θ₀, τ stack or experts, experts?)
 

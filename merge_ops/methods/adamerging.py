@@ -66,40 +66,6 @@ METHOD = MethodDef(
     needs_calibration=True,
 )
 
-class _MeanEntropy(torch.autograd.Function):
-    """mean over rows of −Σ p log p, p = softmax(z) in float32, row block by row block, saving only z:
-    autograd's log_softmax, exp and product each kept an [N, C] float32 copy, and over a vocabulary
-    of 49k with a step's tasks in one forward those were its largest activations. The gradient,
-    −p ⊙ (log p + H) per row, is re-formed from z in backward."""
-
-    ROWS_BYTES = 1 << 22  # float32 bytes of one row block
-
-    @staticmethod
-    def _blocks(z: torch.Tensor):
-        step = max(1, _MeanEntropy.ROWS_BYTES // (4 * max(z.shape[-1], 1)))
-        for a in range(0, z.shape[0], step):
-            logp = z[a: a + step].float().log_softmax(-1)
-            yield a, logp, logp.exp()
-
-    @staticmethod
-    def forward(ctx, z):  # type: ignore[override]
-        ctx.save_for_backward(z)
-        total = torch.zeros((), dtype=torch.float32, device=z.device)
-        for _, logp, p in _MeanEntropy._blocks(z):
-            total -= (p * logp).sum()
-        return total / z.shape[0]  # no rows: NaN, which fails the step with a message (as the mean did)
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        (z,) = ctx.saved_tensors
-        out = torch.empty_like(z)
-        scale = g / max(z.shape[0], 1)
-        for a, logp, p in _MeanEntropy._blocks(z):
-            h = -(p * logp).sum(-1, keepdim=True)
-            out[a: a + len(p)] = (-(p * (logp + h)) * scale).to(z.dtype)
-        return out
-
-
 # Over a vocabulary the batch-mean next-token distribution is near-uniform anyway, and at this weight
 # that term would drown the entropy signal: causal LMs default to 0.
 CLASSIFIER_DIVERSITY = 3.0
@@ -107,7 +73,9 @@ CLASSIFIER_DIVERSITY = 3.0
 
 def entropy_loss(logits: torch.Tensor, *, normalize: bool = True, diversity: float = 0.0) -> torch.Tensor:
     """Mean prediction entropy of [N, C] logits, optionally /log C and minus `diversity`·H(mean p)."""
-    loss = _MeanEntropy.apply(logits)
+    from merge_ops.learned.entropy import mean_entropy
+
+    loss = mean_entropy(logits)
     if diversity:
         pm = logits.float().softmax(-1).mean(0)
         loss = loss + diversity * (pm * pm.clamp_min(1e-12).log()).sum()

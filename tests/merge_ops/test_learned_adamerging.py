@@ -152,9 +152,9 @@ def test_entropy_loss_formula_and_collapse_guard():
 def test_entropy_gradient_over_a_vocabulary_equals_the_float64_formula(monkeypatch):
     """The row-blocked entropy (it saves only the logits) against autograd on the formula in float64,
     with several row blocks over a 3000-token vocabulary."""
-    from merge_ops.methods import adamerging
+    from merge_ops.learned import entropy
 
-    monkeypatch.setattr(adamerging._MeanEntropy, "ROWS_BYTES", 5 * 4 * 3000)  # 5 rows per block
+    monkeypatch.setattr(entropy.MeanEntropy, "ROWS_BYTES", 5 * 4 * 3000)  # 5 rows per block
     z = 4 * torch.randn(23, 3000, generator=torch.Generator().manual_seed(1))
     z64 = z.double().requires_grad_(True)
     p = z64.softmax(-1)
