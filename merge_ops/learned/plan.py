@@ -22,7 +22,8 @@ Torch-free: it reads only config.json and the safetensors headers (shapes and dt
                             when a block alone exceeds the share); a unit outside the blocks bigger
                             than a slot (an untied head) has its θ₀ read into fresh tensors on top and
                             its experts read piece by piece (`_cache_bytes`)
-      merged parameters     the biggest unit's θ(c), its weight gradients and the merge's scratch; a
+      merged parameters     the biggest unit's θ(c), its weight gradients (and, on an accelerator, the
+                            merge's full-size scratch: the CPU merge works in pieces); a
                             tied embedding (on the Step path) 2× more: its θ(c) and the leaf's gradient,
                             into which each task's head and lookup gradients are added in place
       activations           the block boundaries (checkpointing), one block's internals, logits
@@ -165,10 +166,11 @@ def plan_memory(base_dir: Path, *, k: int, batch: int, seq_len: int, mode: str =
         base = 0
         tv = 0
         blocks = _cache_bytes(unit_bytes, unit_base, CACHE_SHARE * model, unit_blocks)
-        # a unit's θ(c), its weight gradients and the merge's scratch tensor; a tied embedding's θ(c)
-        # and the gradient its tasks add into (at a step's ends θ₀ read whole for the merge replaces
-        # one of them; its experts are read piece by piece)
-        merged_b = (3 * biggest_unit + 2 * tied_emb) * cb
+        # a unit's θ(c) and its weight gradients, plus on an accelerator the merge's full-size scratch
+        # (the CPU merge works in cache-sized pieces: engine._merge_cpu); a tied embedding's θ(c) and
+        # the gradient its tasks add into (at a step's ends θ₀ read whole for the merge replaces one
+        # of them; its experts are read piece by piece)
+        merged_b = ((2 if on_cpu else 3) * biggest_unit + 2 * tied_emb) * cb
         act = (layers + 1) * tokens * h * cb + block_act + logits + teacher_batch
         device_b = base + blocks + merged_b + act
     mib = 2**20

@@ -91,7 +91,9 @@ def test_streamed_plan_counts_the_cache_slots_and_a_tied_embedding(tmp_path):
         # no θ₀ held; the tied embedding's θ(c) and the gradient its tasks add into, and one block's θ(c),
         # gradients and scratch
         assert p.base_mib == 0
-        assert p.merged_mib == pytest.approx(4 * (3 * per_block + 2 * emb) / mib, abs=0.01)
+        assert p.merged_mib == pytest.approx(4 * (2 * per_block + 2 * emb) / mib, abs=0.01)
+        cuda = plan_memory(base, k=k, batch=1, seq_len=8, device="cuda")  # + the merge's full-size scratch
+        assert cuda.merged_mib == pytest.approx(4 * (3 * per_block + 2 * emb) / mib, abs=0.01)
     # in memory: no term for the input files' pages (they are read with preadv, never mapped)
     m = plan_memory(base, k=2, batch=1, seq_len=8, mode="in_memory")
     terms = m.base_mib + m.task_vectors_mib + m.merged_mib + m.activations_mib
