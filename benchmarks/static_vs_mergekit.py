@@ -27,7 +27,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "benchmarks" / ".venv-peers"
@@ -199,10 +202,102 @@ def tie_positions(base: Path, experts: list[Path], name: str, density: float):
     return mask | ((total.abs() <= 1e-12 * scale) & (scale > 0))
 
 
-def compare(a: Path, b: Path, ties: tuple[Path, list[Path], float] | None = None) -> dict:
-    """Tensor-by-tensor comparison of two checkpoints (bf16 outputs). With `ties` (base, experts,
-    density), also the share of elements differing by more than one bf16 ulp that sit at a tie
-    (see tie_positions)."""
+def band_tie_positions(base: Path, experts: list[Path], name: str, density: float, gamma: float):
+    """Elements where breadcrumbs_ties has to break a tie, so two correct implementations may differ:
+    - band ties: some expert's |τ| equals the magnitude at an edge of its kept band (ascending ranks
+      [bot, bot + keep), mergekit's magnitude_outliers counts) and that value also lies on the other
+      side of the edge. mergekit keeps the ones its unstable `torch.sort` happens to put inside
+      (on the benchmark's tensors its pick agrees with index order no better than chance), Alloy
+      ranks them by index;
+    - election ties, as in tie_positions, over the band-masked task vectors."""
+    import torch
+
+    b = _tensor(base, name).double().reshape(-1)
+    n = b.numel()
+    keep = int(density * n)
+    bot = max(0, n - keep - int(gamma * n))
+    mask = torch.zeros(n, dtype=torch.bool)
+    total = torch.zeros_like(b)
+    scale = torch.zeros_like(b)
+    for e, w in zip(experts, WEIGHTS, strict=True):
+        tau = _tensor(e, name).double().reshape(-1) - b  # exact: bf16 differences fit in fp64
+        mag = tau.abs()
+        if density >= 1 or keep == 0:  # nothing trimmed / nothing kept: no edge to tie at
+            kept = tau if density >= 1 else torch.zeros_like(tau)
+        else:
+            s = torch.sort(mag).values
+            lo, hi = s[bot], s[bot + keep - 1]
+            if bot > 0 and s[bot - 1] == lo:
+                mask |= mag == lo
+            if bot + keep < n and s[bot + keep] == hi:
+                mask |= mag == hi
+            kept = torch.where((mag >= lo) & (mag <= hi), tau, 0.0)
+        total += w * kept
+        scale += (w * kept).abs()
+    return mask | ((total.abs() <= 1e-12 * scale) & (scale > 0))
+
+
+def band_mask_check(base: Path, experts: list[Path], density: float, gamma: float) -> dict:
+    """breadcrumbs_ties' trim masks entry by entry, every tensor and expert: mergekit 0.1.5's
+    magnitude_outliers beside Alloy's Band, in benchmarks/.venv-peers (Band imports with torch alone).
+    Counts the mask entries that differ, those outside band-edge ties (expected 0), and the edge-tie
+    magnitudes where the two keep a different number of entries (expected 0)."""
+    cmd = [str(PEERS / "bin" / "python"), str(Path(__file__).resolve()), "--band-masks-child", str(base),
+           json.dumps([str(e) for e in experts]), str(density), str(gamma)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": THREADS}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def band_masks_child(base: str, experts: str, density: str, gamma: str) -> None:
+    import torch
+    from mergekit.sparsify import magnitude_outliers
+
+    from merge_ops.methods.breadcrumbs import Band
+
+    dens, gam = float(density), float(gamma)
+    folders = [Path(e) for e in json.loads(experts)]
+    names = sorted(json.loads((Path(base) / "model.safetensors.index.json").read_text())["weight_map"])
+    c = {"mask_entries": 0, "mask_differ": 0, "mask_differ_off_ties": 0, "edge_tie_entries": 0,
+         "tie_count_mismatches": 0}
+    for name in names:
+        b = _tensor(Path(base), name).float().reshape(-1)
+        n = b.numel()
+        keep = int(dens * n)
+        bot = max(0, n - keep - int(gam * n))
+        for folder in folders:
+            d = _tensor(folder, name).float().reshape(-1) - b  # mergekit's task vector at dtype float32
+            mag, nz = d.abs(), d != 0  # a zero τ adds nothing, whichever mask keeps it
+            mk = magnitude_outliers(d, dens, gamma=gam) != 0  # kept nonzero entries stay nonzero
+            band = Band(dens, gam, n, torch.float32, torch.device("cpu"))
+            if band.needs_magnitudes:
+                band.observe(0, mag)
+                band.finish(lambda idx, mag=mag: mag[idx])
+            al = d.clone()
+            band.apply(al, 0)
+            al = al != 0
+            tie = torch.zeros(n, dtype=torch.bool)
+            if dens < 1 and keep > 0:
+                s = torch.sort(mag).values
+                for v, spans_edge in ((s[bot], 0 < bot and s[bot - 1] == s[bot]),
+                                      (s[bot + keep - 1], bot + keep < n and s[bot + keep] == s[bot + keep - 1])):
+                    if spans_edge and v > 0:
+                        at = mag == v
+                        tie |= at
+                        c["tie_count_mismatches"] += int(int(al[at].sum()) != int(mk[at].sum()))
+            differ = (al != mk) & nz
+            c["mask_entries"] += n
+            c["mask_differ"] += int(differ.sum())
+            c["mask_differ_off_ties"] += int((differ & ~tie).sum())
+            c["edge_tie_entries"] += int(tie.sum())
+    print(json.dumps(c))
+
+
+def compare(a: Path, b: Path, ties: Callable[[str], Any] | None = None) -> dict:
+    """Tensor-by-tensor comparison of two checkpoints (bf16 outputs). With `ties` (tensor name ->
+    bool mask of the flat elements at a tie: tie_positions, band_tie_positions), also the share of
+    elements differing by more than one bf16 ulp that sit at a tie, and the largest difference in
+    ulps away from ties."""
     import torch
     from safetensors import safe_open
 
@@ -217,7 +312,7 @@ def compare(a: Path, b: Path, ties: tuple[Path, list[Path], float] | None = None
     if set(ta) != set(tb):
         raise SystemExit(f"outputs differ in tensor names: {sorted(set(ta) ^ set(tb))[:5]}")
     max_abs, max_ulps, differ, total = 0.0, 0.0, 0, 0
-    beyond, beyond_at_tie = 0, 0
+    beyond, beyond_at_tie, ulps_off_ties, tie_elements = 0, 0, 0.0, 0
     worst = ""
     for name in sorted(ta):
         x, y = _tensor(a, name).float(), _tensor(b, name).float()
@@ -236,12 +331,20 @@ def compare(a: Path, b: Path, ties: tuple[Path, list[Path], float] | None = None
             far = (d > ulp).reshape(-1)
             beyond += int(far.sum())
             if far.any():
-                beyond_at_tie += int((far & tie_positions(*ties[:2], name, ties[2])).sum())
+                at_tie = ties(name)
+                beyond_at_tie += int((far & at_tie).sum())
+                tie_elements += int(at_tie.sum())
+                off = (d / ulp).reshape(-1)[~at_tie]
+                ulps_off_ties = max(ulps_off_ties, float(off.max()) if off.numel() else 0.0)
+            else:
+                ulps_off_ties = max(ulps_off_ties, float((d / ulp).max()) if d.numel() else 0.0)
     out = {"max_abs_diff": max_abs, "max_bf16_ulps": max_ulps, "frac_elements_differ": differ / total,
            "worst_tensor": worst}
     if ties is not None:
         out |= {"frac_elements_beyond_1ulp": beyond / total,
-                "frac_of_those_at_ties": beyond_at_tie / beyond if beyond else None}
+                "frac_of_those_at_ties": beyond_at_tie / beyond if beyond else None,
+                "max_bf16_ulps_off_ties": ulps_off_ties,
+                "frac_elements_at_ties_in_differing_tensors": tie_elements / total}
     return out
 
 
@@ -284,10 +387,13 @@ def main() -> None:
                          "FILTER: only configs whose name holds it")
     ap.add_argument("--threads", default=THREADS, help="threads per tool (default 2; 1 on a shared machine)")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--band-masks-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     THREADS = str(args.threads)
     if args.child:
         return alloy_child(*args.child)
+    if args.band_masks_child:
+        return band_masks_child(*args.band_masks_child)
     if not (PEERS / "bin" / "mergekit-yaml").is_file():
         raise SystemExit(f"mergekit is not installed in {PEERS}: python3.11 -m venv {PEERS} && "
                          f"{PEERS}/bin/pip install torch==2.13.0 && {PEERS}/bin/pip install mergekit")
@@ -319,8 +425,14 @@ def main() -> None:
             print(f"  {method} run {r + 1}: mergekit {mk[-1][0]:.2f} s {mk[-1][1]:.0f} MB "
                   f"(cpu {mk[-1][2]:.1f} s) | alloy {al[-1][0]:.2f} s {al[-1][1]:.0f} MB (cpu {al[-1][2]:.1f} s)"
                   f" | load {os.getloadavg()[0]:.1f}", flush=True)
-        ties = (base, experts, METHODS[method][1]["density"]) if method == "ties" else None
+        ties = None
+        if method == "ties":
+            ties = partial(tie_positions, base, experts, density=METHODS[method][1]["density"])
+        elif method == "breadcrumbs_ties":
+            ties = partial(band_tie_positions, base, experts, **METHODS[method][1])
         cmp = compare(work / "alloy", work / "mergekit", ties)
+        if method == "breadcrumbs_ties":
+            cmp |= band_mask_check(base, experts, **METHODS[method][1])
         if method in RANDOM:  # entry by entry they differ by design: compare the distributions
             sa, sm = change_stats(work / "alloy", base), change_stats(work / "mergekit", base)
             cmp |= {f"alloy_{k}": v for k, v in sa.items()} | {f"mergekit_{k}": v for k, v in sm.items()}
