@@ -38,6 +38,13 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from merge_ops import layers
 from merge_ops import params as pv
 from merge_ops.errors import SpecError
+from merge_ops.modules_spec import (
+    check_local_modules,
+    check_slice_modules,
+    module_slices,
+    read_config,
+    slice_label,
+)
 
 if TYPE_CHECKING:
     from merge_ops.declare import MethodDef
@@ -56,8 +63,9 @@ class _Strict(BaseModel):
 
 class SliceSource(_Strict):
     model: Ref = Field(description="a merged model: the base's or an expert's ref, or an expert's name")
-    layer_range: tuple[Annotated[int, Field(ge=0, le=MAX_LAYER)], Annotated[int, Field(ge=1, le=MAX_LAYER)]] = Field(
-        description="[start, end): the source's layers start .. end-1 (0-based)")
+    layer_range: tuple[Annotated[int, Field(ge=0, le=MAX_LAYER)], Annotated[int, Field(ge=0, le=MAX_LAYER)]] | None = (
+        Field(None, description="[start, end): the source's layers start .. end-1 (0-based); required, except "
+                                "in a module's slice, where none means all the module's layers"))
     parameters: dict[str, Any] = Field(default_factory=dict, max_length=64)
 
 
@@ -67,9 +75,9 @@ class SliceSpec(_Strict):
                                                  "when a source reads it)")
     method: str | None = Field(None, max_length=64, description="this slice's static method (default: the spec's)")
     parameters: dict[str, Any] = Field(default_factory=dict, max_length=64)
-
-    def length(self) -> int:
-        return self.sources[0].layer_range[1] - self.sources[0].layer_range[0]
+    module: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
+                               description="the module of a multi-module architecture this slice stacks "
+                                           "(mergekit `modules:`, see modules_spec.py)")
 
 
 def model_position(spec: MergeSpec, ref: str) -> int | None:
@@ -114,9 +122,10 @@ def check_slices(spec: MergeSpec, check_params: Any) -> None:
     if spec.tokenizer is not None:
         raise ValueError("tokenizer: Alloy does not merge vocabularies in a sliced (frankenmerge) model yet: "
                          "remove `tokenizer` (the base's or the first model's tokenizer files are kept)")
+    check_slice_modules(spec)
     read: set[int] = set()
     for i, s in enumerate(spec.slices):
-        where = f"slices[{i}]"
+        where = slice_label(spec, i)
         if s.method is not None:
             m = METHODS.get(s.method)
             if m is None or m.kind != "static":
@@ -125,8 +134,9 @@ def check_slices(spec: MergeSpec, check_params: Any) -> None:
         m = slice_method(spec, s)
         positions = []
         for j, src in enumerate(s.sources):
-            start, end = src.layer_range
-            if end <= start:
+            start, end = src.layer_range or (0, 1)
+            # a module without blocks (a projector) is merged by a slice of no layers
+            if end < start or (end == start and s.module is None):
                 raise ValueError(f"{where}.sources[{j}].layer_range: [{start}, {end}] is empty: end must be "
                                  "greater than start ([start, end), 0-based)")
             pos = model_position(spec, src.model)
@@ -137,8 +147,8 @@ def check_slices(spec: MergeSpec, check_params: Any) -> None:
                 raise ValueError(f"{where}.sources[{j}].model: {src.model!r} is read twice in one slice")
             positions.append(pos)
             check_params(m, src.parameters, where=f"{where}.sources[{j}].parameters", model_only=True)
-        lengths = [src.layer_range[1] - src.layer_range[0] for src in s.sources]
-        if len(set(lengths)) > 1:
+        lengths = [src.layer_range[1] - src.layer_range[0] for src in s.sources if src.layer_range is not None]
+        if len(set(lengths)) > 1 or (lengths and len(lengths) < len(s.sources)):
             raise ValueError(f"{where}.sources: every source of a slice covers as many layers, got {lengths}")
         read.update(positions)
         base = slice_base(spec, s)
@@ -212,9 +222,13 @@ def config_depth(folder: Path) -> int | None:
 
 def check_ranges(spec: MergeSpec, depth_of: dict[int, int | None]) -> None:
     """Every layer range within its model's depth (`depth_of`: driver position -> layers, None when
-    unknown). Raises SpecError naming the field."""
+    unknown). Raises SpecError naming the field. A module's slices are checked per module
+    (modules_spec.check_local_modules, static/slices.plan)."""
     for i, s in enumerate(spec.slices or []):
+        if s.module is not None:
+            continue
         for j, src in enumerate(s.sources):
+            assert src.layer_range is not None  # check_slices: required outside a module
             pos = model_position(spec, src.model)
             depth = depth_of.get(pos) if pos is not None else None
             if depth is not None and src.layer_range[1] > depth:
@@ -231,12 +245,16 @@ def check_local_ranges(spec: MergeSpec) -> None:
         return
     refs = ([spec.base] if spec.base else []) + [e.model for e in spec.experts]
     depth: dict[int, int | None] = {}
+    configs: dict[int, dict[str, Any]] = {}
     for k, ref in enumerate(refs):
         r = parse_model_ref(ref_parts(ref)[0])
         folder = Path(r.local_path.removeprefix("file://")).expanduser() if r.local_path is not None else None
         if folder is not None and folder.is_dir():
             depth[k] = config_depth(folder)
+            if (cfg := read_config(folder)) is not None:
+                configs[k] = cfg
     check_ranges(spec, depth)
+    check_local_modules(spec, configs)
 
 
 # -- mergekit ---------------------------------------------------------------------------------
@@ -257,56 +275,39 @@ def slices_from_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
     """mergekit `slices:` or `modules:` -> our spec's base / experts / slices / parameters."""
     params = doc.get("parameters") or {}
     slices = doc.get("slices")
+    base = doc.get("base_model")
+    tagged: list[tuple[str, dict[str, Any], str | None, dict[str, Any]]] = []  # (where, slice, module, params)
     if "modules" in doc:
         if slices is not None or doc.get("models"):
             raise SpecError("mergekit config: give exactly one of `models`, `slices` or `modules`", param="modules")
         modules = doc["modules"]
         if not isinstance(modules, dict) or not modules:
             raise SpecError("mergekit `modules` maps a module name to {slices | models, parameters}", param="modules")
-        if set(modules) != {"default"}:
-            raise SpecError(f"mergekit `modules`: Alloy knows the single-module layout only (module `default`: "
-                            f"one decoder stack); got {sorted(modules)}. Multi-module architectures (vision "
-                            "towers, projectors) are not supported", param="modules")
-        mod = modules["default"]
-        if not isinstance(mod, dict) or (not mod.get("slices")) == (not mod.get("models")):
-            raise SpecError("mergekit `modules.default`: give exactly one of `slices` or `models`",
-                            param="modules.default")
-        params = fold(mod.get("parameters"), params)
-        if mod.get("models"):
-            return {"models": mod["models"], "parameters": params}
-        slices = mod["slices"]
+        if set(modules) == {"default"}:  # the single-module layout: plain slices or models
+            mod = modules["default"]
+            if not isinstance(mod, dict) or (not mod.get("slices")) == (not mod.get("models")):
+                raise SpecError("mergekit `modules.default`: give exactly one of `slices` or `models`",
+                                param="modules.default")
+            params = fold(mod.get("parameters"), params)
+            if mod.get("models"):
+                return {"models": mod["models"], "parameters": params}
+            slices = mod["slices"]
+        elif "default" in modules:
+            raise SpecError("mergekit `modules.default` is the single-module layout: it goes alone, not with "
+                            f"{sorted(set(modules) - {'default'})}", param="modules.default")
+        else:  # a multi-module architecture: each module's slices, tagged with it (modules_spec.py)
+            for name, mod in modules.items():
+                mod_slices, mod_params = module_slices(str(name), mod, base)
+                tagged += [(f"modules.{name}.slices[{i}]", sl, str(name), mod_params)
+                           for i, sl in enumerate(mod_slices)]
     elif doc.get("models"):
         raise SpecError("mergekit config: give exactly one of `models`, `slices` or `modules`", param="slices")
-    if not isinstance(slices, list) or not slices:
-        raise SpecError("mergekit `slices` is a list of {sources: [{model, layer_range}], ...}", param="slices")
-    base = doc.get("base_model")
+    if not tagged:
+        if not isinstance(slices, list) or not slices:
+            raise SpecError("mergekit `slices` is a list of {sources: [{model, layer_range}], ...}", param="slices")
+        tagged = [(f"slices[{i}]", sl, None, {}) for i, sl in enumerate(slices)]
     order: list[str] = []
-    out_slices = []
-    for i, s in enumerate(slices):
-        if not isinstance(s, dict) or not isinstance(s.get("sources"), list):
-            raise SpecError(f"mergekit `slices[{i}]` needs `sources`: a list of {{model, layer_range}}",
-                            param=f"slices[{i}]")
-        unknown = set(s) - {"sources", "base_model", "parameters", "residual_weight"}
-        if unknown:
-            raise SpecError(f"mergekit `slices[{i}]` has keys mergekit does not read: {sorted(unknown)}",
-                            param=f"slices[{i}]")
-        if s.get("residual_weight") is not None:  # declared by mergekit 0.1.5, read nowhere: a no-op there
-            raise SpecError(f"mergekit `slices[{i}].residual_weight` has no effect in mergekit 0.1.5 (declared, "
-                            "never read) and Alloy does not implement it either; remove it",
-                            param=f"slices[{i}].residual_weight")
-        sources = []
-        for j, src in enumerate(s["sources"]):
-            if not isinstance(src, dict) or not isinstance(src.get("model"), str):
-                raise SpecError(f"mergekit `slices[{i}].sources[{j}]` needs a `model`",
-                                param=f"slices[{i}].sources[{j}]")
-            if src["model"] not in order:
-                order.append(src["model"])
-            sources.append({k: v for k, v in src.items() if k != "parameters"}
-                           | {"parameters": src.get("parameters") or {}})
-        entry: dict[str, Any] = {"sources": sources, "parameters": s.get("parameters") or {}}
-        if s.get("base_model") is not None:
-            entry["base"] = s["base_model"]
-        out_slices.append(entry)
+    out_slices = [_slice_entry(sl, where, module, mod_params, order) for where, sl, module, mod_params in tagged]
     out: dict[str, Any] = {"slices": out_slices, "parameters": params}
     experts = [m for m in order if m != base]
     if base is not None and base in order and experts:
@@ -315,3 +316,32 @@ def slices_from_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
         experts = order
     out["experts"] = [{"model": m} for m in experts]
     return out
+
+
+def _slice_entry(s: Any, where: str, module: str | None, module_params: dict[str, Any],
+                 order: list[str]) -> dict[str, Any]:
+    """One mergekit output slice in our schema; the models it reads are appended to `order`. A
+    module's parameters rank below the slice's (mergekit's `ConfigReader.parameter_sources`)."""
+    if not isinstance(s, dict) or not isinstance(s.get("sources"), list):
+        raise SpecError(f"mergekit `{where}` needs `sources`: a list of {{model, layer_range}}", param=where)
+    unknown = set(s) - {"sources", "base_model", "parameters", "residual_weight"}
+    if unknown:
+        raise SpecError(f"mergekit `{where}` has keys mergekit does not read: {sorted(unknown)}", param=where)
+    if s.get("residual_weight") is not None:  # declared by mergekit 0.1.5, read nowhere: a no-op there
+        raise SpecError(f"mergekit `{where}.residual_weight` has no effect in mergekit 0.1.5 (declared, "
+                        "never read) and Alloy does not implement it either; remove it",
+                        param=f"{where}.residual_weight")
+    sources = []
+    for j, src in enumerate(s["sources"]):
+        if not isinstance(src, dict) or not isinstance(src.get("model"), str):
+            raise SpecError(f"mergekit `{where}.sources[{j}]` needs a `model`", param=f"{where}.sources[{j}]")
+        if src["model"] not in order:
+            order.append(src["model"])
+        sources.append({k: v for k, v in src.items() if k != "parameters"}
+                       | {"parameters": src.get("parameters") or {}})
+    entry: dict[str, Any] = {"sources": sources, "parameters": fold(s.get("parameters"), module_params)}
+    if s.get("base_model") is not None:
+        entry["base"] = s["base_model"]
+    if module is not None:
+        entry["module"] = module
+    return entry

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from merge_ops.checkpoint import CheckpointReader, CheckpointWriter, TensorSpec, dtype_name
 
@@ -83,6 +84,15 @@ def write_llama(folder: str | Path, *, hidden: int = 64, layers: int = 2, interm
     (folder / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 1, "eos_token_id": 2, "do_sample": False}, indent=2) + "\n")
     return folder
+
+
+def read_float64(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, in float64 (for comparisons against references)."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out |= {k: h.get_tensor(k).double() for k in h.keys()}  # noqa: SIM118
+    return out
 
 
 def read_dims(folder: str | Path) -> dict:

@@ -175,6 +175,8 @@ def run(ctx: JobContext) -> MethodResult:
         names = [n for n in ref.names() if n in shared_set or any(p.search(n) for p in keep)
                  ] if sliced is None else sliced.names
         n_layers = layers.num_layers(names)
+        # a multi-module model (vision tower, text decoder): gradients over each module's own depth
+        depth_of = slices.module_depths(ref.folder, names) if sliced is None else None
 
         def source(n: str) -> tuple[CheckpointReader, str]:  # the reader and name an output tensor is shaped by
             return (ref, n) if sliced is None else (order[steps[n].reads[0][0]], steps[n].reads[0][1])
@@ -223,8 +225,8 @@ def run(ctx: JobContext) -> MethodResult:
             else:
                 if vocab is not None and is_vocab_tensor(name):  # rows in the output vocabulary
                     inputs = vocab.remap(name, inputs, compute_dtype)
-                out = _merge_one(ctx, merge_tensor, name, inputs, n_layers, compute_dtype, out_dt(name),
-                                 steps.get(name))
+                out = _merge_one(ctx, merge_tensor, name, inputs, depth_of(name) if depth_of else n_layers,
+                                 compute_dtype, out_dt(name), steps.get(name))
                 if tuple(out.shape) != out_shape(name):
                     raise MergeFailed(f"method {spec.method} returned shape {list(out.shape)} for tensor "
                                       f"{name!r}, expected {list(out_shape(name))}")
@@ -268,6 +270,8 @@ def run(ctx: JobContext) -> MethodResult:
         write_tokenizer(ctx.out_dir, vocab, template, cfg_from)
     elif spec.chat_template is not None:  # `auto` and no model has a template: the files as they are
         copy_aux_files(cfg_from, ctx.out_dir, config_dtype, **depth)
+    if sliced is not None:  # mergekit `modules:`: each module's layer count at its config key
+        slices.write_depths(sliced, ctx.out_dir)
     return MethodResult(metrics={
         "tensors": len(names),
         "parameters": n_params,

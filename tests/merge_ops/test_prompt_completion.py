@@ -91,7 +91,7 @@ def test_teacher_cache_alignment_and_nll_use_completion_positions_only(llama, mo
     out = adapter.forward(engine.merged_params(), {}, batch, layers=[1])
     obj = expert_merging.Objective(engine, adapter, cache, None, alpha0=torch.tensor([0.3, 0.6]), beta=[1, 1],
                                    temperature=2.0, hidden_weight=0.0, gamma=0.0)
-    lg, _ = obj.align(engine.merged_params(), "x", idx)
+    [(lg, _)] = obj.align(engine.merged_params(), ["x"], [idx])
     ce, n, nll, m = 0.0, 0, 0.0, 0
     with torch.no_grad():
         for i in idx:

@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
 
 from merge_ops.errors import SpecError
 from merge_ops.runner import run_merge
 from merge_ops.spec import spec_from_dict
-from tests.toy_models import write_llama
+from tests.toy_models import read_float64, write_llama
 
 DIMS = dict(hidden=32, intermediate=64, vocab=64, heads=2)
 F32 = {"dtype": "float32", "out_dtype": "float32"}
@@ -32,17 +31,9 @@ def m(tmp_path_factory) -> dict[str, str]:
     return {k: str(v) for k, v in out.items()}
 
 
-def read(folder: str | Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            out |= {k: h.get_tensor(k).double() for k in h.keys()}  # noqa: SIM118
-    return out
-
-
 def merge(doc: dict, out: Path) -> dict[str, torch.Tensor]:
     run_merge(spec_from_dict(doc), out)
-    return read(out)
+    return read_float64(out)
 
 
 def lerp(values: list[float] | float, t: float) -> float:
@@ -66,7 +57,7 @@ def test_frankenmerge_stacks_ranges_of_two_depths(m, tmp_path) -> None:
     out = merge({"merge_method": "passthrough", "slices": [
         {"sources": [{"model": m["base"], "layer_range": [0, 3]}]},
         {"sources": [{"model": m["deep"], "layer_range": [2, 6]}]}]} | F32, tmp_path / "out")
-    base, deep = read(m["base"]), read(m["deep"])
+    base, deep = read_float64(m["base"]), read_float64(m["deep"])
     stacked = [(base, i) for i in range(3)] + [(deep, i) for i in range(2, 6)]
     assert max(int(n.split(".")[2]) for n in out if n.startswith("model.layers.")) == 6
     for j, (src, i) in enumerate(stacked):
@@ -100,7 +91,7 @@ def test_gradients_run_over_each_slice_and_outer_tensors_at_t0(m, tmp_path) -> N
                      {"model": m["e2"], "layer_range": [1, 4], "parameters": {"weight": w2}}]},
         {"sources": [{"model": m["e1"], "layer_range": [3, 4]}, {"model": m["e2"], "layer_range": [0, 1]}],
          "parameters": {"weight": w_slice1}}]} | F32, tmp_path / "out")
-    e1, e2 = read(m["e1"]), read(m["e2"])
+    e1, e2 = read_float64(m["e1"]), read_float64(m["e2"])
 
     def lin(a: torch.Tensor, b: torch.Tensor, wa: float, wb: float) -> torch.Tensor:
         return (wa * a + wb * b) / (wa + wb)
@@ -126,7 +117,7 @@ def test_parameter_precedence_and_filter_fall_through(m, tmp_path) -> None:
                      {"model": m["e2"], "layer_range": [0, 4]}],
          "parameters": {"weight": [{"filter": "mlp", "value": [0.1, 0.4]}]}}],
         "parameters": {"weight": 0.3, "lambda": 0.5}} | F32, tmp_path / "out")
-    b, e1, e2 = read(m["base"]), read(m["e1"]), read(m["e2"])
+    b, e1, e2 = read_float64(m["base"]), read_float64(m["e1"]), read_float64(m["e2"])
     for i in range(4):
         t = i / 3
         for n in LAYER:
@@ -150,7 +141,7 @@ def test_slice_base_and_a_per_slice_method(m, tmp_path) -> None:
                {"method": "passthrough", "sources": [{"model": "two", "layer_range": [3, 4]}],
                 "parameters": {"scale": 0.5}}]} | F32
     out = merge(doc, tmp_path / "out")
-    b, e1, e2 = read(m["base"]), read(m["e1"]), read(m["e2"])
+    b, e1, e2 = read_float64(m["base"]), read_float64(m["e1"]), read_float64(m["e2"])
     for n in LAYER:
         for j in range(2):
             name = block(n, j)
@@ -173,7 +164,7 @@ def test_modules_default_is_slices_with_module_parameters(m, tmp_path) -> None:
     out = merge({"merge_method": "task_arithmetic", "base_model": m["base"],
                  "modules": {"default": {"slices": slices, "parameters": {"weight": 0.45}}},
                  "parameters": {"weight": 0.1, "lambda": 0.9}} | F32, tmp_path / "mod")
-    b, e1, e2 = read(m["base"]), read(m["e1"]), read(m["e2"])
+    b, e1, e2 = read_float64(m["base"]), read_float64(m["e1"]), read_float64(m["e2"])
     for j in range(3):
         t = j / 2
         for n in LAYER:
@@ -197,7 +188,7 @@ def test_models_config_filter_list_falls_through_to_the_top_level(m, tmp_path) -
     out = merge({"merge_method": "linear", "models": [
         {"model": m["e1"], "parameters": {"weight": [{"filter": "mlp", "value": 3.0}]}}, {"model": m["e2"]}],
         "parameters": {"weight": 1.0, "normalize": False}} | F32, tmp_path / "out")
-    e1, e2 = read(m["e1"]), read(m["e2"])
+    e1, e2 = read_float64(m["e1"]), read_float64(m["e2"])
     for n in ("model.layers.1.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight"):
         w1 = 3.0 if "mlp" in n else 1.0
         torch.testing.assert_close(out[n], w1 * e1[n] + e2[n], rtol=0, atol=1e-6)
@@ -233,7 +224,7 @@ def test_mergekit_slices_refusals() -> None:
     src = [{"sources": [{"model": "org/a", "layer_range": [0, 2]}]}]
     cases = [
         ({"slices": src, "models": [{"model": "org/a"}]}, "exactly one of `models`, `slices` or `modules`"),
-        ({"modules": {"vision_tower": {"slices": src}}}, "single-module layout only"),
+        ({"modules": {"default": {"slices": src}, "vision_tower": {"slices": src}}}, "single-module layout: it goes"),
         ({"modules": {"default": {"slices": src, "models": [{"model": "org/a"}]}}}, "exactly one of `slices` or"),
         ({"slices": [{"sources": [{"model": "org/a", "layer_range": [0, 2]}], "weight": 1}]}, "does not read"),
         ({"slices": [{"sources": [{"model": "org/a", "layer_range": [0, 2]}, {"model": "org/b", "layer_range": [0, 2]}],
