@@ -657,6 +657,7 @@ def main() -> None:
     ap.add_argument("--merge-only", action="store_true", help="run the --rows merges, evaluate nothing")
     ap.add_argument("--note", default="", help="recorded in the JSON (e.g. why fewer seeds than three)")
     ap.add_argument("--eval-learned", action="store_true", help="evaluate the learned --rows merges only")
+    ap.add_argument("--select-out", type=Path, default=None, help="--select writes here instead")
     ap.add_argument("--select", action="store_true", help="score the learned --rows on the calibration split "
                     "(rows no learned merge sees) into results/causal_lm_selection.json; evaluate nothing held-out")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "causal_lm_quality.json")
@@ -694,6 +695,11 @@ def main() -> None:
         "ada_alltok": ("AdaMerging (layer-wise), every token scored", "adamerging",
                        {"granularity": "layer", "_every_token": True}, True),
         "ada_layer_sel": ("AdaMerging (layer-wise)", "adamerging", {"granularity": "layer"}, True),
+        # Expert Merging++ ablation (--select, calibration split): why ++ does not beat Expert Merging here
+        "empp_lr002": ("Expert Merging++, stage 2 at 0.02 × lr", "expert_merging",
+                       {"chunked": True, "stage2_lr_scale": 0.02}, True),
+        "empp_b1": ("Expert Merging++, chunk budget 1", "expert_merging", {"chunked": True, "chunk_budget": 1.0}, True),
+        "empp_k0": ("Expert Merging++, uniform chunks (κ 0)", "expert_merging", {"chunked": True, "kappa": 0.0}, True),
         # one-shot methods (issue 18) at their defaults: deterministic, so one run whatever the seeds;
         # the calibrated ones (ONE_SHOT_CAL) read every learned-calibration row (64-199), no schedule
         "regmean": ("RegMean (α 0.95)", "regmean", {}, False),
@@ -766,7 +772,7 @@ def main() -> None:
         return summarise(name, res, base_h, exp_h, infos)
 
     if args.select:  # settings of the learned methods, scored on the calibration split (never held-out)
-        sel_file = ROOT / "results" / "causal_lm_selection.json"
+        sel_file = args.select_out or ROOT / "results" / "causal_lm_selection.json"
         sel = json.loads(sel_file.read_text()) if sel_file.exists() else {}
         for key in [k for k in args.rows.split(",") if k in learned]:  # in the order asked
             if learned[key][3]:
